@@ -1,0 +1,153 @@
+"""Building blocks: conv+BN, squeeze-excitation and the RepVGG block.
+
+Blocks only gather tensors; the arithmetic of re-parameterization lives in :mod:`repvgg_tools.fusion`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import fusion
+
+__all__ = ["ConvBN", "SEBlock", "RepVGGBlock", "bn_tensors", "conv_bn_kernel_bias"]
+
+
+def bn_tensors(bn: nn.BatchNorm2d) -> dict:
+    """The inference-mode tensors of a BatchNorm, as keyword arguments for :func:`fusion.fuse_conv_bn`."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a BatchNorm that does not track running statistics")
+    return {
+        "running_mean": bn.running_mean,
+        "running_var": bn.running_var,
+        "eps": bn.eps,
+        "bn_weight": bn.weight,
+        "bn_bias": bn.bias,
+    }
+
+
+def conv_bn_kernel_bias(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Fused ``(kernel, bias)`` of a Conv2d followed by a BatchNorm2d (see :func:`fusion.fuse_conv_bn`)."""
+    return fusion.fuse_conv_bn(conv.weight, conv.bias, dtype=dtype, **bn_tensors(bn))
+
+
+class ConvBN(nn.Module):
+    """Conv2d without bias followed by BatchNorm2d: one branch of a RepVGG block."""
+
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1,
+        groups: int = 1,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, dilation, groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_ch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.conv(x))
+
+    def kernel_bias(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """Equivalent ``(kernel, bias)`` of this branch."""
+        return conv_bn_kernel_bias(self.conv, self.bn, dtype)
+
+
+class SEBlock(nn.Module):
+    """Squeeze-excitation as in RepVGG-D2se: global pool, 1x1 conv down, ReLU, 1x1 conv up, sigmoid, rescale."""
+
+    def __init__(self, channels: int, reduced: int) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(channels, reduced, 1, bias=True)
+        self.up = nn.Conv2d(reduced, channels, 1, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = torch.nn.functional.adaptive_avg_pool2d(x, 1)
+        s = torch.sigmoid(self.up(torch.relu(self.down(s))))
+        return x * s
+
+
+class RepVGGBlock(nn.Module):
+    """``ReLU(SE(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x)))`` in training form; ``ReLU(SE(conv3x3(x)))`` deployed.
+
+    The identity branch exists when ``in_ch == out_ch`` and ``stride == 1``. ``use_1x1``/``use_identity`` switch
+    branches off (the paper's ablations). SE is optional and survives deployment.
+
+    Args:
+        in_ch, out_ch: channels.
+        stride, dilation, groups: of the 3x3 convolution; every branch shares them.
+        use_1x1, use_identity: keep the 1x1 and identity branches.
+        se_ratio: SE reduction (``out_ch * se_ratio`` hidden channels); 0 disables SE.
+        deploy: build the single-conv deploy form directly.
+    """
+
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: int = 1, groups: int = 1, dilation: int = 1, *,
+        use_1x1: bool = True, use_identity: bool = True, se_ratio: float = 0.0, deploy: bool = False,
+    ) -> None:
+        super().__init__()
+        if in_ch % groups or out_ch % groups:
+            raise ValueError(f"groups={groups} must divide in_ch={in_ch} and out_ch={out_ch}")
+        self.in_ch, self.out_ch, self.stride, self.groups, self.dilation = in_ch, out_ch, stride, groups, dilation
+        self.se = SEBlock(out_ch, max(1, int(out_ch * se_ratio))) if se_ratio > 0 else nn.Identity()
+        self.act = nn.ReLU()
+        if deploy:
+            self.reparam = nn.Conv2d(in_ch, out_ch, 3, stride, dilation, dilation, groups, bias=True)
+            return
+        self.branch_3x3 = ConvBN(in_ch, out_ch, 3, stride, dilation, dilation, groups)
+        # padding p - d*(k//2) = 0 keeps the 1x1 output aligned with the 3x3 centre tap for any stride/dilation
+        self.branch_1x1 = ConvBN(in_ch, out_ch, 1, stride, 0, 1, groups) if use_1x1 else None
+        has_identity = use_identity and in_ch == out_ch and stride == 1
+        self.branch_identity = nn.BatchNorm2d(in_ch) if has_identity else None
+
+    @property
+    def is_deployed(self) -> bool:
+        return hasattr(self, "reparam")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.is_deployed:
+            return self.act(self.se(self.reparam(x)))
+        out = self.branch_3x3(x)
+        if self.branch_1x1 is not None:
+            out = out + self.branch_1x1(x)
+        if self.branch_identity is not None:
+            out = out + self.branch_identity(x)
+        return self.act(self.se(out))
+
+    def kernel_bias(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """Equivalent 3x3 ``(kernel, bias)`` of the block's branch sum; differentiable (used by the custom L2).
+
+        Args:
+            dtype: result dtype; defaults to the weights' dtype. Intermediates are float64 either way.
+        """
+        if self.is_deployed:
+            return self.reparam.weight, self.reparam.bias
+        weight = self.branch_3x3.conv.weight
+        dtype = dtype or weight.dtype
+        kernels, biases = [], []
+        k, b = self.branch_3x3.kernel_bias(torch.float64)
+        kernels.append(k)
+        biases.append(b)
+        if self.branch_1x1 is not None:
+            k, b = self.branch_1x1.kernel_bias(torch.float64)
+            kernels.append(fusion.pad_kernel(k, weight.shape[-2:]))
+            biases.append(b)
+        if self.branch_identity is not None:
+            eye = fusion.identity_kernel(self.in_ch, weight.shape[-2:], self.groups, torch.float64, weight.device)
+            k, b = fusion.fuse_conv_bn(eye, None, dtype=torch.float64, **bn_tensors(self.branch_identity))
+            kernels.append(k)
+            biases.append(b)
+        return fusion.merge_branches(kernels, biases, dtype)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Replace the branches by one 3x3 conv with bias, in place. Calling it again does nothing."""
+        if self.is_deployed:
+            return
+        kernel, bias = self.kernel_bias()
+        conv = self.branch_3x3.conv
+        reparam = nn.Conv2d(
+            self.in_ch, self.out_ch, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+            bias=True, device=kernel.device, dtype=kernel.dtype,
+        )
+        reparam.weight.copy_(kernel)
+        reparam.bias.copy_(bias)
+        del self.branch_3x3, self.branch_1x1, self.branch_identity
+        self.reparam = reparam

@@ -1,0 +1,166 @@
+"""Pure tensor math of structural re-parameterization.
+
+Every function here takes tensors and returns tensors: no modules, no state. Arithmetic runs in float64 and
+results come back in the dtype and on the device of the weights they were derived from, so a fused fp16 kernel
+is rounded once, at the end, instead of at every step.
+
+Shapes follow ``torch.nn.Conv2d``: a kernel is ``(C_out, C_in/groups, kh, kw)`` and a bias is ``(C_out,)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "fuse_conv_bn",
+    "fuse_bn",
+    "pad_kernel",
+    "identity_kernel",
+    "merge_branches",
+]
+
+
+def _f64(t: Tensor) -> Tensor:
+    # Differentiable: the paper's custom L2 penalizes the fused kernel, so gradients must flow through here.
+    return t.to(torch.float64)
+
+
+def fuse_bn(
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Express an inference-mode BatchNorm as a per-channel affine map ``y = scale * x + shift``.
+
+    Args:
+        running_mean, running_var: ``(C,)`` running statistics.
+        eps: the BatchNorm epsilon.
+        weight, bias: ``(C,)`` affine parameters (gamma, beta); ``None`` for a non-affine BatchNorm.
+
+    Returns:
+        ``(scale, shift)``, both ``(C,)`` in float64.
+
+    Raises:
+        ValueError: when ``running_var + eps`` is not positive (a corrupt or uninitialized BatchNorm).
+    """
+    var = _f64(running_var) + eps
+    if not bool(torch.all(var > 0)):
+        raise ValueError("BatchNorm running_var + eps must be positive; the statistics are corrupt")
+    inv_std = torch.rsqrt(var)
+    gamma = _f64(weight) if weight is not None else torch.ones_like(inv_std)
+    beta = _f64(bias) if bias is not None else torch.zeros_like(inv_std)
+    scale = gamma * inv_std
+    shift = beta - _f64(running_mean) * scale
+    return scale, shift
+
+
+def fuse_conv_bn(
+    kernel: Tensor,
+    conv_bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    bn_weight: Tensor | None = None,
+    bn_bias: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Fold an inference-mode BatchNorm into the convolution that feeds it.
+
+    ``W' = W * gamma / sqrt(var + eps)`` per output channel and ``b' = beta + (b - mean) * gamma / sqrt(var + eps)``.
+
+    Args:
+        kernel: ``(C_out, C_in/groups, kh, kw)`` convolution weight.
+        conv_bias: ``(C_out,)`` or ``None`` when the convolution has no bias.
+        running_mean, running_var, eps, bn_weight, bn_bias: the BatchNorm over ``C_out`` channels
+            (``bn_weight``/``bn_bias`` are ``None`` for a non-affine BatchNorm).
+        dtype: result dtype; defaults to the kernel's. Pass ``torch.float64`` to keep intermediate branches
+            exact before :func:`merge_branches` rounds once.
+
+    Returns:
+        ``(kernel, bias)`` of the fused convolution: ``(C_out, C_in/groups, kh, kw)`` and ``(C_out,)``, on the
+        kernel's device.
+    """
+    if kernel.shape[0] != running_mean.shape[0]:
+        raise ValueError(
+            f"BatchNorm has {running_mean.shape[0]} channels but the convolution has {kernel.shape[0]} outputs"
+        )
+    scale, shift = fuse_bn(running_mean, running_var, eps, bn_weight, bn_bias)
+    fused_kernel = _f64(kernel) * scale.reshape(-1, 1, 1, 1)
+    fused_bias = shift if conv_bias is None else shift + _f64(conv_bias) * scale
+    dtype = dtype or kernel.dtype
+    return fused_kernel.to(dtype), fused_bias.to(dtype)
+
+
+def pad_kernel(kernel: Tensor, size: int | Sequence[int]) -> Tensor:
+    """Zero-pad a smaller odd kernel to ``size`` around the centre (a 1x1 becomes the centre tap of a 3x3).
+
+    Exact for any stride and dilation when the small convolution used padding ``p - d * (k // 2)``.
+
+    Args:
+        kernel: ``(C_out, C_in/groups, kh, kw)`` with odd ``kh <= size[0]`` and ``kw <= size[1]``.
+        size: target spatial size ``k`` or ``(kh, kw)``.
+
+    Returns:
+        ``(C_out, C_in/groups, size[0], size[1])``, same dtype and device.
+    """
+    th, tw = (size, size) if isinstance(size, int) else tuple(size)
+    kh, kw = kernel.shape[-2:]
+    if kh > th or kw > tw or (th - kh) % 2 or (tw - kw) % 2:
+        raise ValueError(f"cannot centre a {kh}x{kw} kernel in a {th}x{tw} kernel")
+    ph, pw = (th - kh) // 2, (tw - kw) // 2
+    return torch.nn.functional.pad(kernel, [pw, pw, ph, ph])
+
+
+def identity_kernel(
+    channels: int,
+    kernel_size: int | Sequence[int] = 3,
+    groups: int = 1,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """One-hot kernel of a convolution that copies its input: ``K[i, i % (C/groups), kh//2, kw//2] = 1``.
+
+    Args:
+        channels: ``C``, input and output channels.
+        kernel_size: ``k`` or ``(kh, kw)``, odd.
+        groups: convolution groups; must divide ``channels``.
+
+    Returns:
+        ``(C, C/groups, kh, kw)`` in ``dtype`` on ``device``.
+    """
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    if channels % groups:
+        raise ValueError(f"groups={groups} does not divide channels={channels}")
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError("identity kernels need odd kernel sizes")
+    per_group = channels // groups
+    kernel = torch.zeros(channels, per_group, kh, kw, dtype=dtype, device=device)
+    rows = torch.arange(channels, device=device)
+    kernel[rows, rows % per_group, kh // 2, kw // 2] = 1
+    return kernel
+
+
+def merge_branches(
+    kernels: Sequence[Tensor], biases: Sequence[Tensor], dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """Sum parallel branches that share input, output, stride, dilation and groups.
+
+    Args:
+        kernels: ``(C_out, C_in/groups, k, k)`` each, already padded to a common size.
+        biases: ``(C_out,)`` each.
+        dtype: result dtype; defaults to the first kernel's.
+
+    Returns:
+        ``(kernel, bias)`` summed in float64 and cast once to ``dtype``.
+    """
+    if not kernels or len(kernels) != len(biases):
+        raise ValueError("merge_branches needs one bias per kernel and at least one branch")
+    dtype = dtype or kernels[0].dtype
+    kernel = sum(_f64(k) for k in kernels)
+    bias = sum(_f64(b) for b in biases)
+    return kernel.to(dtype), bias.to(dtype)
