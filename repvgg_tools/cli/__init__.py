@@ -1,0 +1,1 @@
+"""Command-line front ends (thin argparse wrappers over the library)."""
