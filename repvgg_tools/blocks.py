@@ -120,21 +120,13 @@ class RepVGGBlock(nn.Module):
         if self.is_deployed:
             return self.reparam.weight, self.reparam.bias
         weight = self.branch_3x3.conv.weight
-        dtype = dtype or weight.dtype
-        kernels, biases = [], []
-        k, b = self.branch_3x3.kernel_bias(torch.float64)
-        kernels.append(k)
-        biases.append(b)
+        branches = [(weight, None, bn_tensors(self.branch_3x3.bn))]
         if self.branch_1x1 is not None:
-            k, b = self.branch_1x1.kernel_bias(torch.float64)
-            kernels.append(fusion.pad_kernel(k, weight.shape[-2:]))
-            biases.append(b)
+            branches.append((self.branch_1x1.conv.weight, None, bn_tensors(self.branch_1x1.bn)))
         if self.branch_identity is not None:
-            eye = fusion.identity_kernel(self.in_ch, weight.shape[-2:], self.groups, torch.float64, weight.device)
-            k, b = fusion.fuse_conv_bn(eye, None, dtype=torch.float64, **bn_tensors(self.branch_identity))
-            kernels.append(k)
-            biases.append(b)
-        return fusion.merge_branches(kernels, biases, dtype)
+            eye = fusion.identity_kernel(self.in_ch, weight.shape[-2:], self.groups, weight.dtype, weight.device)
+            branches.append((eye, None, bn_tensors(self.branch_identity)))
+        return fusion.fuse_branches(branches, dtype or weight.dtype)
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -143,11 +135,12 @@ class RepVGGBlock(nn.Module):
             return
         kernel, bias = self.kernel_bias()
         conv = self.branch_3x3.conv
+        # built from the fused tensors: on the meta device first, so no random initialization is computed and lost
         reparam = nn.Conv2d(
             self.in_ch, self.out_ch, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
-            bias=True, device=kernel.device, dtype=kernel.dtype,
+            bias=True, device="meta", dtype=kernel.dtype,
         )
-        reparam.weight.copy_(kernel)
-        reparam.bias.copy_(bias)
+        reparam.weight = nn.Parameter(kernel, requires_grad=conv.weight.requires_grad)
+        reparam.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
         del self.branch_3x3, self.branch_1x1, self.branch_identity
         self.reparam = reparam

@@ -9,7 +9,8 @@ Shapes follow ``torch.nn.Conv2d``: a kernel is ``(C_out, C_in/groups, kh, kw)`` 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ __all__ = [
     "pad_kernel",
     "identity_kernel",
     "merge_branches",
+    "fuse_branches",
 ]
 
 
@@ -49,7 +51,7 @@ def fuse_bn(
         ValueError: when ``running_var + eps`` is not positive (a corrupt or uninitialized BatchNorm).
     """
     var = _f64(running_var) + eps
-    if not bool(torch.all(var > 0)):
+    if var.device.type != "meta" and not bool(torch.all(var > 0)):  # meta tensors (shape-only models) hold no values
         raise ValueError("BatchNorm running_var + eps must be positive; the statistics are corrupt")
     inv_std = torch.rsqrt(var)
     gamma = _f64(weight) if weight is not None else torch.ones_like(inv_std)
@@ -90,7 +92,8 @@ def fuse_conv_bn(
             f"BatchNorm has {running_mean.shape[0]} channels but the convolution has {kernel.shape[0]} outputs"
         )
     scale, shift = fuse_bn(running_mean, running_var, eps, bn_weight, bn_bias)
-    fused_kernel = _f64(kernel) * scale.reshape(-1, 1, 1, 1)
+    # type promotion computes in float64 (``scale`` is float64) without a float64 copy of the kernel first
+    fused_kernel = kernel * scale.reshape(-1, 1, 1, 1)
     fused_bias = shift if conv_bias is None else shift + _f64(conv_bias) * scale
     dtype = dtype or kernel.dtype
     return fused_kernel.to(dtype), fused_bias.to(dtype)
@@ -107,11 +110,14 @@ def pad_kernel(kernel: Tensor, size: int | Sequence[int]) -> Tensor:
 
     Returns:
         ``(C_out, C_in/groups, size[0], size[1])``, same dtype and device.
+
+    Raises:
+        ValueError: the kernel is larger than ``size`` or a size is even (no centre tap).
     """
     th, tw = (size, size) if isinstance(size, int) else tuple(size)
     kh, kw = kernel.shape[-2:]
-    if kh > th or kw > tw or (th - kh) % 2 or (tw - kw) % 2:
-        raise ValueError(f"cannot centre a {kh}x{kw} kernel in a {th}x{tw} kernel")
+    if kh > th or kw > tw or not all(n % 2 for n in (kh, kw, th, tw)):
+        raise ValueError(f"cannot centre a {kh}x{kw} kernel in a {th}x{tw} kernel (both need odd sizes)")
     ph, pw = (th - kh) // 2, (tw - kw) // 2
     return torch.nn.functional.pad(kernel, [pw, pw, ph, ph])
 
@@ -161,6 +167,40 @@ def merge_branches(
     if not kernels or len(kernels) != len(biases):
         raise ValueError("merge_branches needs one bias per kernel and at least one branch")
     dtype = dtype or kernels[0].dtype
-    kernel = sum(_f64(k) for k in kernels)
-    bias = sum(_f64(b) for b in biases)
-    return kernel.to(dtype), bias.to(dtype)
+    return _sum_f64(kernels).to(dtype), _sum_f64(biases).to(dtype)
+
+
+def _sum_f64(tensors: Sequence[Tensor]) -> Tensor:
+    # one fresh float64 accumulator, added into in place: large kernels are not copied once per branch
+    total = _f64(tensors[0]) + _f64(tensors[1]) if len(tensors) > 1 else _f64(tensors[0]).clone()
+    for t in tensors[2:]:
+        total.add_(_f64(t))
+    return total
+
+
+def fuse_branches(
+    branches: Sequence[tuple[Tensor, Tensor | None, Mapping[str, Any]]], dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """Equivalent single conv of a sum of parallel ``BN(conv(x))`` branches (a RepVGG block's training form).
+
+    An identity branch is passed as ``(identity_kernel(...), None, bn)``. Each branch is folded in float64, padded
+    to the largest kernel's centre and summed; the result is rounded once.
+
+    Args:
+        branches: ``(kernel, conv_bias, bn)`` each, with ``kernel`` ``(C_out, C_in/groups, k, k)`` (odd ``k``),
+            ``conv_bias`` ``(C_out,)`` or ``None``, and ``bn`` the keyword arguments ``running_mean``,
+            ``running_var``, ``eps``, ``bn_weight``, ``bn_bias`` of :func:`fuse_conv_bn`.
+        dtype: result dtype; defaults to the first kernel's.
+
+    Returns:
+        ``(kernel, bias)``: ``(C_out, C_in/groups, k_max, k_max)`` and ``(C_out,)``.
+    """
+    if not branches:
+        raise ValueError("fuse_branches needs at least one branch")
+    size = (max(b[0].shape[-2] for b in branches), max(b[0].shape[-1] for b in branches))
+    kernels, biases = [], []
+    for kernel, conv_bias, bn in branches:
+        k, b = fuse_conv_bn(kernel, conv_bias, dtype=torch.float64, **bn)
+        kernels.append(pad_kernel(k, size))
+        biases.append(b)
+    return merge_branches(kernels, biases, dtype or branches[0][0].dtype)

@@ -15,14 +15,19 @@ __all__ = ["reparameterize", "fold_conv_bn"]
 
 log = logging.getLogger(__name__)
 
+# ids of the modules whose own ``reparameterize()`` is running: a block (or a user's model) whose method calls
+# back into :func:`reparameterize` with itself must not be called again
+_ACTIVE: set[int] = set()
+
 
 def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Return the deploy form of ``model``: every re-parameterizable block fused, every Conv2d->BatchNorm2d folded.
 
-    Blocks are any submodule with a ``reparameterize()`` method (our :class:`~repvgg_tools.blocks.RepVGGBlock`).
-    BatchNorms are folded where they directly follow a Conv2d: inside an ``nn.Sequential`` the BN entry is removed
-    (so ``vgg16_bn`` becomes exactly the ``vgg16`` layout); elsewhere the pair is found by tracing with
-    ``torch.fx`` and the BN is replaced by ``nn.Identity``. Idempotent; works in any dtype and on any device.
+    Blocks are any module with a ``reparameterize()`` method (our :class:`~repvgg_tools.blocks.RepVGGBlock`), ``model``
+    itself included. BatchNorms are folded where they directly follow a Conv2d: inside an ``nn.Sequential`` the BN
+    entry is removed (index-named entries are renumbered, so ``vgg16_bn`` becomes exactly the ``vgg16`` layout; other
+    names are kept); elsewhere the pair is found by tracing with ``torch.fx`` and the BN is replaced by
+    ``nn.Identity``. Idempotent; works in any dtype and on any device.
 
     Args:
         model: the training-form model. BatchNorm running statistics are used, as in eval mode.
@@ -40,10 +45,15 @@ def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     blocks = 0
     for module in list(model.modules()):
-        if module is not model and callable(getattr(module, "reparameterize", None)):
-            if not getattr(module, "is_deployed", False):
-                blocks += 1
+        if id(module) in _ACTIVE or not callable(getattr(module, "reparameterize", None)):
+            continue
+        if not getattr(module, "is_deployed", False):
+            blocks += 1
+        _ACTIVE.add(id(module))
+        try:
             module.reparameterize()
+        finally:
+            _ACTIVE.discard(id(module))
     folded = fold_conv_bn(model)
     log.info("reparameterized %d blocks and folded %d Conv2d->BatchNorm2d pairs", blocks, folded)
     return model
@@ -77,18 +87,18 @@ def fold_conv_bn(model: nn.Module) -> int:
         items = list(seq._modules.items())
         kept, i = [], 0
         while i < len(items):
-            name, module = items[i]
-            kept.append(module)
-            if i + 1 < len(items) and _foldable(module, items[i + 1][1]):
-                _fuse_into_conv(module, items[i + 1][1])
+            kept.append(items[i])
+            if i + 1 < len(items) and _foldable(items[i][1], items[i + 1][1]):
+                _fuse_into_conv(items[i][1], items[i + 1][1])
                 folded += 1
                 i += 1
             i += 1
         if len(kept) != len(items):
+            numbered = all(name.isdigit() for name, _ in items)
             for name, _ in items:
                 del seq._modules[name]
-            for j, module in enumerate(kept):
-                seq.add_module(str(j), module)
+            for j, (name, module) in enumerate(kept):
+                seq.add_module(str(j) if numbered else name, module)
     if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         folded += _fold_traced(model)
     return folded

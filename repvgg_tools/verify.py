@@ -55,7 +55,7 @@ def compare_outputs(candidate, reference) -> tuple[float, float]:
     if len(cands) != len(refs):
         raise ValueError(f"outputs differ in count: {len(cands)} vs {len(refs)}")
     max_abs, scale = 0.0, 0.0
-    for c, r in zip(cands, refs):
+    for c, r in zip(cands, refs, strict=True):
         if c.shape != r.shape:
             raise ValueError(f"output shapes differ: {tuple(c.shape)} vs {tuple(r.shape)}")
         c64, r64 = c.detach().double(), r.detach().double()
@@ -92,13 +92,18 @@ def verify_equivalence(
         inputs: explicit inputs instead of random ones.
         num_inputs: how many random batches.
         rtol: pass when ``max_rel <= rtol``.
-        dtype, device: of the random inputs (default float32 on CPU).
+        dtype, device: of the random inputs; default: those of the reference's first floating-point parameter
+            (float32 on CPU for a callable or a model without parameters).
         seed: RNG seed for reproducible inputs.
     """
     start = time.perf_counter()
     for m in (reference, candidate):
         if isinstance(m, nn.Module):
             m.eval()
+    if isinstance(reference, nn.Module) and (dtype is None or device is None):
+        param = next((p for p in reference.parameters() if p.is_floating_point()), None)
+        if param is not None:
+            dtype, device = dtype or param.dtype, device if device is not None else param.device
     if inputs is None:
         gen = torch.Generator().manual_seed(seed)
         inputs = [torch.randn(*input_shape, generator=gen, dtype=torch.float64).to(dtype or torch.float32)

@@ -3,6 +3,9 @@
 Layout of the module tree (the "ours" checkpoint layout): ``stem`` (stage 0, one block), ``stages.{0..3}.{j}``
 (paper stages 1-4), ``head.fc``. Block keys: ``branch_3x3.{conv,bn}``, ``branch_1x1.{conv,bn}``,
 ``branch_identity`` (a BatchNorm), ``se.{down,up}``; deployed: ``reparam``.
+
+``features_only=True`` builds the same tree without ``head`` (and without stages past the last requested level):
+``forward`` returns a list of feature maps, see :mod:`repvgg_tools.features`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from .. import features as feat
 from ..blocks import RepVGGBlock
 from .registry import register_model
 
@@ -63,7 +67,8 @@ def groupwise_layers(groups: int, depths: Sequence[int]) -> dict[int, int]:
 
 
 class RepVGG(nn.Module):
-    """A RepVGG classifier: five stages of :class:`RepVGGBlock`, the first block of each with stride 2.
+    """A RepVGG classifier or feature backbone: five stages of :class:`RepVGGBlock`, the first block of each with
+    stride 2.
 
     Args:
         widths: output channels of stages 0-4.
@@ -75,6 +80,13 @@ class RepVGG(nn.Module):
         strides, dilations: per stage; the first block of a stage uses the stride, every block the dilation.
         deploy: build the plain form directly.
         use_1x1, use_identity: branch switches of every block (ablations).
+        features_only: no classifier; ``forward`` returns the feature maps of ``out_indices`` as a list.
+        out_indices: feature levels returned with ``features_only`` (0 = stem, 1-4 = ``stages.0-3``); default all.
+        output_stride: 8, 16 or 32 (default: the strides as given); below 32 the last stages use stride 1 and
+            dilation 2 (and 4) instead.
+        frozen_stages: MMPretrain's convention: ``-1`` none, ``0`` the stem, ``k`` the stem and ``stages.0..k-1``
+            (parameters get ``requires_grad=False``, modules stay in eval mode through ``train()``).
+        norm_eval: keep every BatchNorm in eval mode through ``train()`` (fine-tuning with small batches).
     """
 
     def __init__(
@@ -82,25 +94,56 @@ class RepVGG(nn.Module):
         num_classes: int = 1000, in_chans: int = 3, se_ratio: float = 0.0,
         strides: Sequence[int] = (2, 2, 2, 2, 2), dilations: Sequence[int] = (1, 1, 1, 1, 1),
         deploy: bool = False, use_1x1: bool = True, use_identity: bool = True,
+        features_only: bool = False, out_indices: Sequence[int] | int | None = None, output_stride: int | None = None,
+        frozen_stages: int = -1, norm_eval: bool = False,
     ) -> None:
         super().__init__()
         if len(widths) != 5 or len(depths) != 5 or depths[0] != 1:
             raise ValueError("RepVGG needs 5 widths and 5 depths, with one block in stage 0")
+        if len(strides) != 5 or len(dilations) != 5:
+            raise ValueError("RepVGG needs 5 strides and 5 dilations")
+        strides, dilations = feat.output_stride_schedule(strides, dilations, output_stride)
+        out_indices = feat.normalize_out_indices(out_indices, feat.NUM_LEVELS)
+        num_levels = max(out_indices) + 1 if features_only else feat.NUM_LEVELS
         layer_groups = dict(layer_groups or {})
         block_kw = dict(se_ratio=se_ratio, deploy=deploy, use_1x1=use_1x1, use_identity=use_identity)
         self.widths, self.depths = tuple(widths), tuple(depths)
         self.stem = RepVGGBlock(in_chans, widths[0], strides[0], layer_groups.get(0, 1), dilations[0], **block_kw)
+        reduction = strides[0]
+        info = [{"num_chs": widths[0], "reduction": reduction, "module": "stem"}]
         stages, layer, in_ch = [], 1, widths[0]
-        for width, depth, stride, dilation in zip(widths[1:], depths[1:], strides[1:], dilations[1:]):
+        for i in range(num_levels - 1):
+            width, stride, dilation = widths[i + 1], strides[i + 1], dilations[i + 1]
             blocks = []
-            for j in range(depth):
+            for j in range(depths[i + 1]):
                 groups = layer_groups.get(layer, 1)
                 blocks.append(RepVGGBlock(in_ch, width, stride if j == 0 else 1, groups, dilation, **block_kw))
                 in_ch, layer = width, layer + 1
             stages.append(nn.Sequential(*blocks))
+            reduction *= stride
+            info.append({"num_chs": width, "reduction": reduction, "module": f"stages.{i}"})
         self.stages = nn.ModuleList(stages)
         self.num_features = in_ch
-        self.head = ClassifierHead(in_ch, num_classes)
+        self.features_only = features_only
+        self.out_indices = out_indices if features_only else (feat.NUM_LEVELS - 1,)
+        self.feature_info = feat.FeatureInfo(info, self.out_indices)
+        if not features_only:
+            self.head = ClassifierHead(in_ch, num_classes)
+        self.frozen_stages = feat.check_frozen_stages(frozen_stages, num_levels)
+        self.norm_eval = norm_eval
+        self._apply_finetune_modes()
+
+    def _apply_finetune_modes(self) -> None:
+        if self.frozen_stages >= 0:
+            feat.freeze_modules([self.stem, *self.stages[: self.frozen_stages]])
+        if self.norm_eval and self.training:
+            feat.set_norm_eval(self)
+
+    def train(self, mode: bool = True) -> RepVGG:
+        """Set train/eval mode, keeping frozen stages (and with ``norm_eval`` every BatchNorm) in eval mode."""
+        super().train(mode)
+        self._apply_finetune_modes()
+        return self
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.stem(x)
@@ -108,7 +151,21 @@ class RepVGG(nn.Module):
             x = stage(x)
         return x
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
+        """Feature maps of ``out_indices`` (levels 0 = stem .. 4 = ``stages.3``), shallowest first."""
+        outs = []
+        x = self.stem(x)
+        if 0 in self.out_indices:
+            outs.append(x)
+        for i, stage in enumerate(self.stages, 1):
+            x = stage(x)
+            if i in self.out_indices:
+                outs.append(x)
+        return outs
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if self.features_only:
+            return self.forward_intermediates(x)
         return self.head(self.forward_features(x))
 
 

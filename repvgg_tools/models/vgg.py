@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .registry import register_model
 
-__all__ = ["VGG", "VGG_CONFIGS", "make_vgg_features"]
+__all__ = ["VGG", "VGG_CONFIGS", "VGG_VARIANTS", "make_vgg_features"]
 
 # int: 3x3 conv with that many outputs; (c, 1): 1x1 conv; "M": 2x2 max pool stride 2; "LRN": local response norm
 Layer = int | tuple[int, int] | str
@@ -88,7 +88,7 @@ class VGG(nn.Module):
         return self.classifier(x.flatten(1))
 
 
-_VARIANTS = {
+VGG_VARIANTS = {
     "vgg11": "A", "vgg11_lrn": "A-LRN", "vgg13": "B", "vgg16_c": "C", "vgg16": "D", "vgg19": "E",
 }
 
@@ -103,7 +103,7 @@ def _register(name: str, cfg_name: str, batch_norm: bool) -> None:
     register_model(builder)
 
 
-for _name, _cfg in _VARIANTS.items():
+for _name, _cfg in VGG_VARIANTS.items():
     _register(_name, _cfg, batch_norm=False)
     if _cfg in ("A", "B", "D", "E"):
         _register(f"{_name}_bn", _cfg, batch_norm=True)

@@ -1,0 +1,106 @@
+"""``repvgg-convert INPUT OUTPUT``: training checkpoint -> verified deploy checkpoint.
+
+Exit codes: 0 converted (and verified), 1 verification failed (nothing written), 2 usage or input error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_OK, EXIT_VERIFY, EXIT_INPUT = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..layouts import LAYOUT_NAMES
+
+    p = argparse.ArgumentParser(
+        prog="repvgg-convert",
+        description="Convert a training-form RepVGG / VGG-BN checkpoint (ours, official RepVGG, timm, MMPretrain or "
+                    "torchvision layout) to its deploy form: every block fused into one 3x3 conv, verified on random "
+                    "inputs before anything is written.",
+        epilog="exit codes: 0 ok, 1 verification failed (nothing written), 2 usage or input error",
+    )
+    p.add_argument("input", help="training checkpoint (.pth/.pt/.ckpt, zip or legacy, or .safetensors)")
+    p.add_argument("output", help="deploy checkpoint to write (.safetensors when the name ends so)")
+    p.add_argument("--arch", help="model name the weights must fit (default: the checkpoint's 'arch' entry, else "
+                                  "inferred from tensor shapes)")
+    p.add_argument("--layout", choices=LAYOUT_NAMES, help="input layout (default: detected)")
+    p.add_argument("--out-layout", choices=LAYOUT_NAMES, help="output layout (default: the input's)")
+    p.add_argument("--ema", action="store_true", help="convert the EMA weights (model_ema/state_dict_ema/ema)")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the equivalence check (faster)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="verification tolerance, max|a-b|/max|b| (default 1e-5)")
+    p.add_argument("--force", action="store_true", help="overwrite OUTPUT (and the --json file) if present")
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE ('-' for stdout)")
+    p.add_argument("--quiet", "-q", action="store_true", help="print only errors")
+    p.add_argument("--traceback", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def _write_json(path: str, data: dict, force: bool) -> None:
+    from ..checkpoint import atomic_write
+
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    if path == "-":
+        sys.stdout.write(text)
+        return
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text), force=force)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
+                        format="%(levelname)s: %(message)s", stream=sys.stderr)
+    from ..checkpoint import CheckpointError
+    from ..convert import ConversionError, VerificationError, convert_file
+
+    try:
+        if args.json not in (None, "-") and Path(args.json).exists() and not args.force:
+            raise CheckpointError(f"{args.json}: already exists (use --force to overwrite)")
+        report = convert_file(
+            args.input, args.output, arch=args.arch, layout=args.layout, out_layout=args.out_layout, ema=args.ema,
+            verify=args.verify, force=args.force, progress=not args.quiet, rtol=args.rtol,
+        )
+    except VerificationError as exc:
+        report = exc.report
+        if not args.quiet:
+            print("\n".join(report.summary_lines()))
+        print(f"error: {_one_line(exc)}; nothing written", file=sys.stderr)
+        if args.json:
+            _write_json(args.json, {**report.as_dict(), "exit_code": EXIT_VERIFY}, force=args.force)
+        return EXIT_VERIFY
+    except (CheckpointError, ConversionError, ValueError, OSError) as exc:
+        if args.traceback:
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_INPUT
+    except Exception as exc:  # a bug, not the user's fault: still one line, with a way to see more
+        if args.traceback:
+            raise
+        print(f"error: internal error ({type(exc).__name__}: {_one_line(exc)}); rerun with --traceback",
+              file=sys.stderr)
+        return EXIT_INPUT
+    if not args.quiet:
+        print("\n".join(report.summary_lines()))
+        print(f"wrote {args.output}")
+    if args.json:
+        try:
+            _write_json(args.json, {**report.as_dict(), "exit_code": EXIT_OK}, force=args.force)
+        except (CheckpointError, OSError) as exc:
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_INPUT
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""tools/benchmark.py: a tiny real run writes a consistent report; bad arguments fail in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "tools/benchmark.py", "--models", "repvgg_a0", "--batch", "1", "--size",
+                           "64", "--iters", "2", "--warmup", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    res = report["models"]["repvgg_a0"]
+    rows = res["rows"]
+    assert set(rows) == {"ours training", "ours deploy NCHW", "ours deploy channels_last", "onnxruntime (deploy)",
+                         "timm training", "timm deploy"}
+    # published parameter counts (1000 classes); timm's model has the same architecture
+    assert rows["ours training"]["params"] == rows["timm training"]["params"] == 9_108_968
+    assert rows["ours deploy NCHW"]["params"] == rows["timm deploy"]["params"] == 8_309_384
+    # FLOPs of the deploy form, counted independently from the conv/linear shapes (2 x MACs)
+    from repvgg_tools import create_model
+
+    macs, hw = 0, 64
+    model = create_model("repvgg_a0", deploy=True)
+    for block in [model.stem, *[b for stage in model.stages for b in stage]]:
+        hw //= block.reparam.stride[0]
+        macs += block.reparam.weight.numel() * hw * hw
+    macs += model.head.fc.weight.numel()
+    assert res["flops"] == 2 * macs
+    assert report["machine"]["peak_gflops"] > 0
+    for row in rows.values():
+        assert row["median_ms"] > 0 and row["images_per_s"] == 1 / (row["median_ms"] / 1e3)
+    s = res["summary"]
+    assert s["fastest_deploy"] in rows and s["deploy_speedup_vs_training"] > 0 and s["ours_vs_timm_deploy"] > 0
+    text = (out / "report.md").read_text()
+    assert "## repvgg_a0" in text and "| ours deploy channels_last | 8,309,384 |" in text and "matmul peak" in text
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_benchmark_rejects_unknown_model(tmp_path):
+    proc = subprocess.run([sys.executable, "tools/benchmark.py", "--models", "resnet50", "--out", str(tmp_path / "b")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: unknown model(s) resnet50"
+    assert not (tmp_path / "b").exists()

@@ -1,0 +1,134 @@
+"""TensorRT engines on a GPU: build with tools/build_trt.py, run with EngineRunner, compare with PyTorch, benchmark.
+
+Skipped without CUDA (no TensorRT runtime is ever created on a CPU-only machine) and without a backend that
+supports the GPU (TensorRT-RTX does not target data-centre GPUs such as Hopper; TensorRT proper does).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (TensorRT engines run on CUDA only)"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(widths=(8, 16, 16, 32, 64), depths=(1, 1, 2, 2, 1), num_classes=10)
+
+
+def _usable_backend() -> str | None:
+    for name in ("tensorrt", "tensorrt_rtx"):
+        if subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True).returncode == 0:
+            return name
+    return None
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """A tiny trained-shape RepVGG (randomized BN) and engines built from its fp32, fp16 and int8 ONNX files."""
+    pytest.importorskip("onnx", exc_type=ImportError)
+    backend = _usable_backend()
+    if backend is None:
+        pytest.skip("neither tensorrt nor tensorrt_rtx imports")
+    from repvgg_tools import randomize_batchnorm, reparameterize
+    from repvgg_tools.export.onnx import export_onnx, save_onnx
+    from repvgg_tools.export.precision import calibration_images, quantize_int8, to_fp16
+    from repvgg_tools.models import RepVGG
+
+    d = tmp_path_factory.mktemp("trt")
+    torch.manual_seed(0)
+    model = reparameterize(randomize_batchnorm(RepVGG(**TINY), seed=4).eval())
+    fp32 = export_onnx(model, 32)
+    protos = {"fp32": fp32, "fp16": to_fp16(fp32), "int8": quantize_int8(fp32, calibration_images("digits", 32, 64))}
+    paths = {}
+    for precision, proto in protos.items():
+        onnx_path, engine = save_onnx(proto, d / f"{precision}.onnx"), d / f"{precision}.engine"
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "build_trt.py"), "--onnx", str(onnx_path),
+                               "--engine", str(engine), "--backend", backend, "--min-batch", "1", "--opt-batch", "8",
+                               "--max-batch", "16", "--timing-cache", str(d / "timing.cache")],
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            pytest.fail(f"{backend} could not build the {precision} engine: {proc.stderr.strip()[-500:]}")
+        paths[precision] = engine
+    from repvgg_tools.export.tensorrt import EngineRunner, TensorRTError
+
+    try:
+        EngineRunner(paths["fp32"], backend)
+    except TensorRTError as exc:
+        pytest.skip(f"{backend} cannot run engines on this GPU: {exc}")
+    return model, backend, paths, d
+
+
+def test_sidecar_records_the_gpu(engines):
+    _, backend, paths, d = engines
+    info = json.loads(Path(f"{paths['fp16']}.json").read_text())
+    assert info["gpu"] == torch.cuda.get_device_name(0) and info["backend"] == backend
+    assert info["precision"] == "fp16" and info["timing_cache"]
+    assert (d / "timing.cache").stat().st_size > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_engine_matches_pytorch_over_dynamic_batches(engines, precision):
+    from repvgg_tools.export.tensorrt import EngineRunner, compare
+
+    model, backend, paths, _ = engines
+    runner = EngineRunner(paths[precision], backend)
+    assert runner.input_names == ["input"] and runner.output_names == ["logits"]
+    assert runner.profile_shapes() == [(1, 3, 32, 32), (8, 3, 32, 32), (16, 3, 32, 32)]
+    gen = torch.Generator().manual_seed(0)
+    if precision == "int8":  # calibrated on digits: compare on digits
+        from repvgg_tools.export.precision import calibration_images
+
+        images = torch.as_tensor(calibration_images("digits", 32, 96)[64:])
+        inputs = [images[:1], images[1:6], images[6:22]]
+    else:
+        inputs = [torch.randn(n, 3, 32, 32, generator=gen) for n in (1, 5, 16)]
+    result = compare(runner, model, inputs, precision)
+    print(f"\n{backend} {precision} engine vs PyTorch: {result['summary']}")
+    assert result["samples"] == 22
+    assert result["passed"], result["summary"]
+    if precision == "int8":
+        assert result["cosine"] > 0.9 and result["top1_agreement"] >= 0.8
+    out = runner(inputs[1].cuda())[0]
+    assert out.shape == (5, 10) and out.is_cuda
+
+
+def test_engine_matches_onnxruntime(engines):
+    pytest.importorskip("onnxruntime", exc_type=ImportError)
+    from repvgg_tools.export.onnx import onnx_session
+    from repvgg_tools.export.tensorrt import EngineRunner, compare
+
+    _, backend, paths, _ = engines
+    runner = EngineRunner(paths["fp32"], backend)
+    session = onnx_session(paths["fp32"].with_suffix(".onnx"))
+    result = compare(runner, session, [torch.randn(4, 3, 32, 32)], "fp32")
+    assert result["passed"], result["summary"]
+
+
+def test_batch_outside_profile_is_refused(engines):
+    from repvgg_tools.export.tensorrt import EngineRunner
+
+    _, backend, paths, _ = engines
+    runner = EngineRunner(paths["fp32"], backend)
+    with pytest.raises(ValueError, match="outside the engine's profile"):
+        runner(torch.randn(17, 3, 32, 32, device="cuda"))
+
+
+def test_benchmark(engines):
+    from repvgg_tools.export.tensorrt import benchmark
+
+    _, backend, paths, _ = engines
+    for precision in ("fp32", "fp16", "int8"):
+        result = benchmark(paths[precision], batch=8, iters=20, warmup=5, backend=backend)
+        lat = result["latency_ms"]
+        print(f"\n{backend} {precision} batch 8: {result['throughput']:.0f} img/s, p50 {lat['p50']:.3f} ms, "
+              f"p99 {lat['p99']:.3f} ms")
+        assert result["batch"] == 8 and result["iters"] == 20 and result["throughput"] > 0
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+    with pytest.raises(ValueError, match="outside the engine's profile"):
+        benchmark(paths["fp32"], batch=64, iters=1, backend=backend)
