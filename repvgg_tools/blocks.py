@@ -124,7 +124,7 @@ class RepVGGBlock(nn.Module):
         if self.branch_1x1 is not None:
             branches.append((self.branch_1x1.conv.weight, None, bn_tensors(self.branch_1x1.bn)))
         if self.branch_identity is not None:
-            eye = fusion.identity_kernel(self.in_ch, weight.shape[-2:], self.groups, weight.dtype, weight.device)
+            eye = fusion.identity_kernel(self.in_ch, 1, self.groups, weight.dtype, weight.device)  # centre tap
             branches.append((eye, None, bn_tensors(self.branch_identity)))
         return fusion.fuse_branches(branches, dtype or weight.dtype)
 

@@ -54,7 +54,7 @@ __all__ = ["ConversionError", "VerificationError", "ConversionReport", "convert_
 
 log = logging.getLogger(__name__)
 
-CHUNK_ELEMENTS = 1 << 18  # work on chunks of about this many elements (2 MB in fp64), so temporaries stay small
+CHUNK_ELEMENTS = 1 << 20  # work on chunks of about this many elements (8 MB in fp64), so temporaries stay small
 PROGRESS_MIN_PARAMS = 20_000_000
 _STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -158,9 +158,8 @@ def _fuse_into(out_w: Tensor, out_b: Tensor, main: tuple[Tensor, Tensor | None, 
     """Fuse ``BN(conv(x)) [+ BN(conv1x1(x))] [+ BN(x)]`` into ``(out_w, out_b)``, a chunk of output channels at a
     time, so temporaries stay small; ``out_w`` may be the main kernel itself (each chunk is read before written)."""
     w = main[0]
-    size = tuple(w.shape[-2:])
     # one byte per element: the one-hot kernel is exact in any dtype, and fuse_conv_bn computes in float64
-    eye = fusion.identity_kernel(w.shape[0], size, identity[0], torch.uint8, w.device) if identity else None
+    eye = fusion.identity_kernel(w.shape[0], 1, identity[0], torch.uint8, w.device) if identity else None
     step = max(1, CHUNK_ELEMENTS // max(1, w[0].numel()))
     for start in range(0, w.shape[0], step):
         sl = slice(start, min(start + step, w.shape[0]))
@@ -169,8 +168,8 @@ def _fuse_into(out_w: Tensor, out_b: Tensor, main: tuple[Tensor, Tensor | None, 
             branches.append(side[2].branch(side[0], side[1], eps, sl))
         if eye is not None:
             branches.append(identity[1].branch(eye, None, eps, sl))
-        k, b = fusion.fuse_branches(branches, dtype=w.dtype)
-        out_w[sl].copy_(k)
+        k, b = fusion.fuse_branches(branches, dtype=torch.float64)
+        out_w[sl].copy_(k)  # copy_ rounds to the output dtype once, without another temporary
         out_b[sl].copy_(b)
 
 
@@ -401,20 +400,6 @@ def convert_state_dict(
     return out, report
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Run torch on one thread for a while. Fusion is many small memory-bound operations, where a second thread
-    gains little and costs a barrier per operation (10x slower on a busy machine)."""
-    previous = torch.get_num_threads()
-    if previous > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if previous > 1:
-            torch.set_num_threads(previous)
-
-
 def _progress(items: list, total_params: int, enabled: bool, desc: str):
     if not enabled or total_params < PROGRESS_MIN_PARAMS:
         return items
@@ -514,33 +499,32 @@ def _convert_repvgg(sd, src: Layout, dst: Layout, detected, arch, hint, verify, 
     where = {k: b for b in blocks for k in b.keys.values()}
     out: dict[str, Tensor] = {}
     done: set[str] = set()
-    with _one_thread():  # elementwise work on small chunks: threads only add synchronization
-        for key in _progress(list(sd), sum(v.numel() for v in sd.values()), progress, "fusing"):
-            b = where.get(key)
-            if b is None:
-                _check_finite(key, sd[key])
-                out[(map_head_key(key, src, dst) if standalone else None) or key] = sd.pop(key) if inplace else sd[key]
-                report.tensors_carried += 1
-                continue
-            if b.prefix in done:
-                continue
-            done.add(b.prefix)
-            for k in b.keys.values():
-                _check_finite(k, sd[k])
-            new_prefix = map_block_prefix(b.prefix, src, dst, standalone)
-            for role in [r for r in b.keys if r.startswith("se.") or b.deployed]:
-                out[block_key(new_prefix, dst.key(role))] = sd[b.keys[role]]
-            if not b.deployed:
-                main, side, identity = parts.pop(b.prefix)
-                kernel, bias = _fuse_unit(main, side, identity, eps, inplace, verifier)
-                out[block_key(new_prefix, dst.key("reparam.weight"))] = kernel
-                out[block_key(new_prefix, dst.key("reparam.bias"))] = bias
-                report.blocks_fused += 1
-                del main, side, identity
-            for role, k in b.keys.items() if inplace else ():
-                t = sd.pop(k)
-                if release and not b.deployed and role != "branch_3x3.conv.weight" and not role.startswith("se."):
-                    release_pages(t)
+    for key in _progress(list(sd), sum(v.numel() for v in sd.values()), progress, "fusing"):
+        b = where.get(key)
+        if b is None:
+            _check_finite(key, sd[key])
+            out[(map_head_key(key, src, dst) if standalone else None) or key] = sd.pop(key) if inplace else sd[key]
+            report.tensors_carried += 1
+            continue
+        if b.prefix in done:
+            continue
+        done.add(b.prefix)
+        for k in b.keys.values():
+            _check_finite(k, sd[k])
+        new_prefix = map_block_prefix(b.prefix, src, dst, standalone)
+        for role in [r for r in b.keys if r.startswith("se.") or b.deployed]:
+            out[block_key(new_prefix, dst.key(role))] = sd[b.keys[role]]
+        if not b.deployed:
+            main, side, identity = parts.pop(b.prefix)
+            kernel, bias = _fuse_unit(main, side, identity, eps, inplace, verifier)
+            out[block_key(new_prefix, dst.key("reparam.weight"))] = kernel
+            out[block_key(new_prefix, dst.key("reparam.bias"))] = bias
+            report.blocks_fused += 1
+            del main, side, identity
+        for role, k in b.keys.items() if inplace else ():
+            t = sd.pop(k)
+            if release and not b.deployed and role != "branch_3x3.conv.weight" and not role.startswith("se."):
+                release_pages(t)
     if verifier is not None:
         verifier.finish(report, lambda: rename_layout(out, dst, LAYOUTS["ours"], find_blocks(out, dst), True))
     return out, report
@@ -567,25 +551,24 @@ def _convert_vgg(sd, arch, hint, out_layout, verify, inplace, eps, size, progres
     rename = vgg_index_map(sd, pairs)
     consumed = {p.bn(n) for p in pairs for n in ("weight", "bias") + _STATS} | {p.conv("bias") for p in pairs}
     out: dict[str, Tensor] = {}
-    with _one_thread():
-        for key in _progress(list(sd), sum(v.numel() for v in sd.values()), progress, "folding"):
-            if key in consumed:
-                continue
-            if key not in parts:
-                _check_finite(key, sd[key])
-                out[rename.get(key, key)] = sd[key]
-                report.tensors_carried += 1
-                continue
-            p, main = parts.pop(key)
-            for k in [key, p.conv("bias")] + [p.bn(n) for n in ("weight", "bias") + _STATS]:
-                if k in sd:
-                    _check_finite(k, sd[k])
-            kernel, bias = _fuse_unit(main, None, None, eps, inplace, verifier)
-            out[rename[key]], out[rename[key][: -len("weight")] + "bias"] = kernel, bias
-            report.blocks_fused += 1
-            for t in (main[1], *vars(main[2]).values()) if release else ():
-                if t is not None:
-                    release_pages(t)
+    for key in _progress(list(sd), sum(v.numel() for v in sd.values()), progress, "folding"):
+        if key in consumed:
+            continue
+        if key not in parts:
+            _check_finite(key, sd[key])
+            out[rename.get(key, key)] = sd[key]
+            report.tensors_carried += 1
+            continue
+        p, main = parts.pop(key)
+        for k in [key, p.conv("bias")] + [p.bn(n) for n in ("weight", "bias") + _STATS]:
+            if k in sd:
+                _check_finite(k, sd[k])
+        kernel, bias = _fuse_unit(main, None, None, eps, inplace, verifier)
+        out[rename[key]], out[rename[key][: -len("weight")] + "bias"] = kernel, bias
+        report.blocks_fused += 1
+        for t in (main[1], *vars(main[2]).values()) if release else ():
+            if t is not None:
+                release_pages(t)
     if inplace:
         sd.clear()
     if verifier is not None:

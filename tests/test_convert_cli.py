@@ -9,21 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from convert_helpers import OURS, Detector, assert_deploy_equivalent, tiny
 
 from repvgg_tools import randomize_batchnorm, verify_equivalence
 from repvgg_tools.layouts import LAYOUTS, rename_layout
-from repvgg_tools.models import RepVGG
-
-OURS = LAYOUTS["ours"]
-TINY = dict(widths=(8, 8, 16, 16, 32), depths=(1, 2, 2, 2, 1), layer_groups={2: 2, 4: 2}, num_classes=5)
-
-
-def tiny(seed: int = 0, deploy: bool = False, **kw) -> RepVGG:
-    torch.manual_seed(seed)
-    cfg = {**TINY, **kw}
-    model = RepVGG(cfg.pop("widths"), cfg.pop("depths"), cfg.pop("layer_groups"), deploy=deploy, **cfg)
-    return randomize_batchnorm(model, seed).eval()
 
 
 def run_cli(*args, script: bool = False) -> subprocess.CompletedProcess:
@@ -44,15 +33,6 @@ def load(path: Path) -> dict:
 
         return load_file(str(path))
     return torch.load(path, weights_only=True)
-
-
-def assert_equivalent(train: nn.Module, deploy_sd: dict, layout: str = "ours", **kw) -> None:
-    """Our own deploy model holding the converted weights reproduces the training model."""
-    sd = deploy_sd if layout == "ours" else rename_layout(deploy_sd, LAYOUTS[layout], OURS)
-    deploy = tiny(deploy=True, **kw)
-    deploy.load_state_dict(sd, strict=True)
-    result = verify_equivalence(train, deploy, (2, 3, 32, 32))
-    assert result.passed, result
 
 
 def digest(path: Path) -> str | None:
@@ -92,7 +72,7 @@ def test_each_layout_converts_in_its_own_layout(tmp_path, layout, fmt):
     deploy_key = {"ours": "stem.reparam.weight", "official": "stage0.rbr_reparam.weight",
                   "mmpretrain": "backbone.stem.branch_reparam.weight"}[layout]
     assert deploy_key in out and not any("rbr_dense" in k or "branch_3x3" in k for k in out)
-    assert_equivalent(train, out, layout, se_ratio=0.25 if layout != "official" else 0.0)
+    assert_deploy_equivalent(train, out, layout, se_ratio=0.25 if layout != "official" else 0.0)
 
 
 def _timm_tiny():
@@ -128,7 +108,7 @@ def test_out_layout_and_prefixes_and_extras(tmp_path):
     ok(run_cli(src, dst, "--out-layout", "ours", "--quiet"))
     out = load(dst)
     assert set(out) == {"model", "epoch", "args"} and out["epoch"] == 12 and out["args"] == {"lr": 0.1}
-    assert_equivalent(train, out["model"], "ours")
+    assert_deploy_equivalent(train, out["model"], "ours")
 
 
 def test_ema_weights_are_selected(tmp_path):
@@ -141,8 +121,8 @@ def test_ema_weights_are_selected(tmp_path):
     ok(run_cli(src, tmp_path / "b.pth", "--ema", "-q"))
     a, b = load(tmp_path / "a.pth"), load(tmp_path / "b.pth")
     assert set(a) == {"state_dict", "layout", "num_classes", "epoch"} and set(b) == set(a)
-    assert_equivalent(model_a, a["state_dict"])
-    assert_equivalent(model_b, b["state_dict"])
+    assert_deploy_equivalent(model_a, a["state_dict"])
+    assert_deploy_equivalent(model_b, b["state_dict"])
 
 
 def test_zoo_arch_from_checkpoint_and_custom_arch_inferred(tmp_path):
@@ -158,20 +138,8 @@ def test_zoo_arch_from_checkpoint_and_custom_arch_inferred(tmp_path):
     report = json.loads((tmp_path / "c.json").read_text())
     assert report["arch"].startswith("custom RepVGG(widths=[16, 24, 40, 40, 72], depths=[1, 3, 1, 2, 1]")
     assert report["verify_mode"] == "model" and report["passed"]
-    assert_equivalent(custom, load(tmp_path / "custom_deploy.pth"), widths=(16, 24, 40, 40, 72),
+    assert_deploy_equivalent(custom, load(tmp_path / "custom_deploy.pth"), widths=(16, 24, 40, 40, 72),
                       depths=(1, 3, 1, 2, 1), layer_groups={3: 4})
-
-
-class Detector(nn.Module):
-    def __init__(self, deploy: bool = False) -> None:
-        super().__init__()
-        self.backbone = nn.Module()
-        self.backbone.body = tiny(deploy=deploy, num_classes=0)
-        self.rpn = nn.Module()
-        self.rpn.head = nn.Sequential(nn.Conv2d(32, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-
-    def forward(self, x):
-        return self.rpn.head(self.backbone.body.forward_features(x))
 
 
 def test_whole_detector_checkpoint(tmp_path):
@@ -306,4 +274,4 @@ def test_force_overwrites_and_no_verify_skips(tmp_path):
     proc = ok(run_cli(src, dst, "--force", "--no-verify", "--quiet", "--json", "-"))
     report = json.loads(proc.stdout)
     assert report["max_rel"] is None and report["verify_seconds"] == 0
-    assert_equivalent(train, load(dst))
+    assert_deploy_equivalent(train, load(dst))

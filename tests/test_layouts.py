@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from convert_helpers import DEPTHS, OURS, Detector, assert_deploy_equivalent, tiny
 from torch import nn
 
 from repvgg_tools import create_model, randomize_batchnorm, reparameterize, verify_equivalence
@@ -17,28 +18,7 @@ from repvgg_tools.layouts import (
     rename_layout,
     state_dict_mismatch,
 )
-from repvgg_tools.models import REPVGG_CONFIGS, RepVGG
-
-OURS = LAYOUTS["ours"]
-WIDTHS, DEPTHS, GROUPS = (8, 8, 16, 16, 32), (1, 2, 2, 2, 1), {2: 2, 4: 2}
-
-
-def tiny(seed: int = 0, deploy: bool = False, **kw) -> RepVGG:
-    torch.manual_seed(seed)
-    kw = {"num_classes": 5, **kw}
-    model = RepVGG(kw.pop("widths", WIDTHS), kw.pop("depths", DEPTHS), kw.pop("layer_groups", GROUPS),
-                   deploy=deploy, **kw)
-    return randomize_batchnorm(model, seed).eval()
-
-
-def assert_deploy_equivalent(train: nn.Module, deploy_sd: dict, layout: str, **kw) -> None:
-    """Load the converted weights (renamed to ours) into our own deploy model, compare with the training model."""
-    sd = rename_layout(deploy_sd, LAYOUTS[layout], OURS) if layout != "ours" else deploy_sd
-    deploy = tiny(deploy=True, **kw)
-    deploy.load_state_dict(sd, strict=True)
-    result = verify_equivalence(train, deploy, (2, kw.get("in_chans", 3), 32, 32))
-    assert result.passed, result
-
+from repvgg_tools.models import REPVGG_CONFIGS
 
 # Key names as written in each project's source: DingXiaoH/RepVGG repvgg.py (rbr_dense/rbr_1x1/rbr_identity, stage0,
 # linear, se.down/up), timm byobnet.py RepVggBlock (conv_kxk/conv_1x1/identity/attn.fc1/fc2, reparam_conv),
@@ -175,22 +155,6 @@ def test_custom_architectures_are_inferred(kw):
     deploy, report = convert_state_dict(train.state_dict())
     assert report.verify_mode == "model" and report.passed
     assert_deploy_equivalent(train, deploy, "ours", **kw)
-
-
-class Detector(nn.Module):
-    """A detector-like whole model: our RepVGG as ``backbone.body`` plus heads with their own conv+BN."""
-
-    def __init__(self, deploy: bool = False) -> None:
-        super().__init__()
-        self.backbone = nn.Module()
-        self.backbone.body = tiny(deploy=deploy, num_classes=0)
-        self.rpn = nn.Module()
-        self.rpn.head = nn.Sequential(nn.Conv2d(32, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.cls = nn.Linear(8, 3)
-
-    def forward(self, x):
-        f = self.rpn.head(self.backbone.body.forward_features(x))
-        return {"features": f, "logits": self.cls(f.mean((2, 3)))}
 
 
 def test_whole_model_checkpoint_converts_blocks_and_carries_the_rest():

@@ -19,12 +19,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import torch  # noqa: E402
+
+from repvgg_tools.timing import time_callable  # noqa: E402
 
 TIMM_NAMES = {"repvgg_a0": "repvgg_a0", "repvgg_a1": "repvgg_a1", "repvgg_a2": "repvgg_a2", "repvgg_b0": "repvgg_b0",
               "repvgg_b1": "repvgg_b1", "repvgg_b1g4": "repvgg_b1g4", "repvgg_b2": "repvgg_b2",
@@ -33,24 +34,10 @@ TIMM_NAMES = {"repvgg_a0": "repvgg_a0", "repvgg_a1": "repvgg_a1", "repvgg_a2": "
               "vgg11_bn": "vgg11_bn", "vgg13_bn": "vgg13_bn", "vgg16_bn": "vgg16_bn", "vgg19_bn": "vgg19_bn"}
 
 
-def time_fn(fn, iters: int, warmup: int) -> dict:
-    """Median/p90/min latency (ms) of ``fn()`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return {"median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
-            "min_ms": times[0]}
-
-
 def matmul_peak(n: int = 2048, iters: int = 5) -> float:
     """Measured fp32 matmul GFLOP/s of this machine (median of ``iters`` ``n x n`` products)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    lat = time_fn(lambda: torch.mm(a, b), iters, 2)["median_ms"]
+    lat = time_callable(lambda: torch.mm(a, b), iters, 2)["median_ms"]
     return 2 * n**3 / (lat / 1e3) / 1e9
 
 
@@ -73,7 +60,7 @@ def bench_torch(model, x, iters: int, warmup: int, channels_last: bool = False) 
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        return time_fn(lambda: model(x), iters, warmup)
+        return time_callable(lambda: model(x), iters, warmup)
 
 
 def bench_onnx(deploy, x, size: int, iters: int, warmup: int) -> dict:
@@ -83,7 +70,7 @@ def bench_onnx(deploy, x, size: int, iters: int, warmup: int) -> dict:
     session = onnx_session(proto, threads=torch.get_num_threads())
     del proto
     name, arr = session.get_inputs()[0].name, x.numpy()
-    return time_fn(lambda: session.run(None, {name: arr}), iters, warmup)
+    return time_callable(lambda: session.run(None, {name: arr}), iters, warmup)
 
 
 def bench_model(name: str, args) -> dict:
@@ -127,32 +114,32 @@ def bench_model(name: str, args) -> dict:
 
 
 CONVERT_OURS = """
-import json, os, sys, time, resource
+import json, sys, time
 from repvgg_tools.convert import convert_file
-def rss():
+def status(field):  # VmHWM is this process's own peak (ru_maxrss can carry the parent's across fork+exec)
     for line in open('/proc/self/status'):
-        if line.startswith('VmRSS'): return int(line.split()[1]) * 1024
-base = rss(); t0 = time.perf_counter()
+        if line.startswith(field): return int(line.split()[1]) * 1024
+base = status('VmRSS'); t0 = time.perf_counter()
 convert_file(sys.argv[1], sys.argv[2], verify=False, force=True)
 dt = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status('VmHWM')
 print(json.dumps({"seconds": dt, "peak_above_baseline": peak - base}))
 """
 
 CONVERT_TIMM = """
-import json, os, sys, time, resource, torch, timm
+import json, sys, time, torch, timm
 from timm.models import load_checkpoint
 from timm.utils.model import reparameterize_model
-def rss():
+def status(field):  # VmHWM is this process's own peak (ru_maxrss can carry the parent's across fork+exec)
     for line in open('/proc/self/status'):
-        if line.startswith('VmRSS'): return int(line.split()[1]) * 1024
-base = rss(); t0 = time.perf_counter()
+        if line.startswith(field): return int(line.split()[1]) * 1024
+base = status('VmRSS'); t0 = time.perf_counter()
 model = timm.create_model(sys.argv[3], pretrained=False)
 load_checkpoint(model, sys.argv[1], weights_only=True)
 model = reparameterize_model(model.eval())
 torch.save(model.state_dict(), sys.argv[2])
 dt = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status('VmHWM')
 print(json.dumps({"seconds": dt, "peak_above_baseline": peak - base}))
 """
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
+from repvgg_tools.timing import time_callable  # noqa: E402
+
 RECIPE = ROOT / "recipes" / "digits_quickstart.yaml"
 MIN_ACCURACY = 95.0
 
@@ -30,18 +31,6 @@ def run(cmd: list[str], what: str) -> None:
     print(f"\n$ {' '.join(str(c) for c in cmd)}", flush=True)
     if subprocess.run([str(c) for c in cmd], cwd=ROOT).returncode:
         raise SystemExit(f"error: {what} failed (see above)")
-
-
-def latency_ms(fn, iters: int = 30, warmup: int = 5) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def evaluate(out: Path, image_size: int) -> list[dict]:
@@ -81,7 +70,7 @@ def evaluate(out: Path, image_size: int) -> list[dict]:
             err = ((logits - ref).abs().max() / ref.abs().max()).item()
             rows.append({"form": form, "params": n_params, "accuracy": acc, "max_rel_error": err,
                          "agree_with_training": (logits.argmax(1) == ref.argmax(1)).float().mean().item(),
-                         "latency_ms": latency_ms(lambda fn=fn: fn(one))})
+                         "latency_ms": time_callable(lambda fn=fn: fn(one))["median_ms"]})
     return rows
 
 

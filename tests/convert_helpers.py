@@ -1,0 +1,45 @@
+"""Tiny models shared by the converter tests (test_layouts.py, test_convert_cli.py)."""
+
+import torch
+from torch import nn
+
+from repvgg_tools import randomize_batchnorm, verify_equivalence
+from repvgg_tools.layouts import LAYOUTS, rename_layout
+from repvgg_tools.models import RepVGG
+
+OURS = LAYOUTS["ours"]
+WIDTHS, DEPTHS, GROUPS = (8, 8, 16, 16, 32), (1, 2, 2, 2, 1), {2: 2, 4: 2}
+
+
+def tiny(seed: int = 0, deploy: bool = False, **kw) -> RepVGG:
+    """A 5-stage RepVGG with groupwise layers and randomized BN statistics, in eval mode."""
+    torch.manual_seed(seed)
+    kw = {"num_classes": 5, **kw}
+    model = RepVGG(kw.pop("widths", WIDTHS), kw.pop("depths", DEPTHS), kw.pop("layer_groups", GROUPS),
+                   deploy=deploy, **kw)
+    return randomize_batchnorm(model, seed).eval()
+
+
+def assert_deploy_equivalent(train: nn.Module, deploy_sd: dict, layout: str = "ours", **kw) -> None:
+    """Load the converted weights (renamed to ours) into our own deploy model, compare with the training model."""
+    sd = rename_layout(deploy_sd, LAYOUTS[layout], OURS) if layout != "ours" else deploy_sd
+    deploy = tiny(deploy=True, **kw)
+    deploy.load_state_dict(sd, strict=True)
+    result = verify_equivalence(train, deploy, (2, kw.get("in_chans", 3), 32, 32))
+    assert result.passed, result
+
+
+class Detector(nn.Module):
+    """A detector-like whole model: our RepVGG as ``backbone.body`` plus heads with their own conv+BN."""
+
+    def __init__(self, deploy: bool = False) -> None:
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.body = tiny(deploy=deploy, num_classes=0)
+        self.rpn = nn.Module()
+        self.rpn.head = nn.Sequential(nn.Conv2d(32, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.cls = nn.Linear(8, 3)
+
+    def forward(self, x):
+        f = self.rpn.head(self.backbone.body.forward_features(x))
+        return {"features": f, "logits": self.cls(f.mean((2, 3)))}
