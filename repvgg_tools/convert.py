@@ -154,7 +154,8 @@ def _bn(sd: Mapping[str, Tensor], keys: Mapping[str, str], role: str, channels: 
 
 
 def _fuse_into(out_w: Tensor, out_b: Tensor, main: tuple[Tensor, Tensor | None, _BN],
-               side: tuple[Tensor, Tensor | None, _BN] | None, identity: tuple[int, _BN] | None, eps: float) -> None:
+               side: tuple[Tensor, Tensor | None, _BN] | None, identity: tuple[int, _BN] | None, eps: float,
+               where: str) -> None:
     """Fuse ``BN(conv(x)) [+ BN(conv1x1(x))] [+ BN(x)]`` into ``(out_w, out_b)``, a chunk of output channels at a
     time, so temporaries stay small; ``out_w`` may be the main kernel itself (each chunk is read before written)."""
     w = main[0]
@@ -169,6 +170,9 @@ def _fuse_into(out_w: Tensor, out_b: Tensor, main: tuple[Tensor, Tensor | None, 
         if eye is not None:
             branches.append(identity[1].branch(eye, None, eps, sl))
         k, b = fusion.fuse_branches(branches, dtype=torch.float64)
+        # NaN/Inf in any conv weight survives fusion (x*0 is NaN for them), so one pass over the result finds it
+        if not bool(torch.isfinite(k).all()):
+            raise ConversionError(f"{where}: the conv weights contain NaN or Inf values")
         out_w[sl].copy_(k)  # copy_ rounds to the output dtype once, without another temporary
         out_b[sl].copy_(b)
 
@@ -464,12 +468,13 @@ class _Verifier:
         report.max_abs, report.max_rel = self.max_abs, self.max_rel
 
 
-def _fuse_unit(main, side, identity, eps: float, inplace: bool, verifier: _Verifier | None) -> tuple[Tensor, Tensor]:
+def _fuse_unit(main, side, identity, eps: float, inplace: bool, verifier: _Verifier | None,
+               where: str) -> tuple[Tensor, Tensor]:
     w = main[0]
     kernel = w if inplace else torch.empty_like(w)
     bias = torch.empty(w.shape[0], dtype=w.dtype, device=w.device)
     probe = verifier.before(main, side, identity, eps) if verifier else None
-    _fuse_into(kernel, bias, main, side, identity, eps)
+    _fuse_into(kernel, bias, main, side, identity, eps, where)
     if verifier:
         verifier.after(probe, kernel, bias)
     return kernel, bias
@@ -509,14 +514,15 @@ def _convert_repvgg(sd, src: Layout, dst: Layout, detected, arch, hint, verify, 
         if b.prefix in done:
             continue
         done.add(b.prefix)
-        for k in b.keys.values():
-            _check_finite(k, sd[k])
+        for role, k in b.keys.items():
+            if b.deployed or not role.endswith("conv.weight"):  # conv kernels are checked after fusion
+                _check_finite(k, sd[k])
         new_prefix = map_block_prefix(b.prefix, src, dst, standalone)
         for role in [r for r in b.keys if r.startswith("se.") or b.deployed]:
             out[block_key(new_prefix, dst.key(role))] = sd[b.keys[role]]
         if not b.deployed:
             main, side, identity = parts.pop(b.prefix)
-            kernel, bias = _fuse_unit(main, side, identity, eps, inplace, verifier)
+            kernel, bias = _fuse_unit(main, side, identity, eps, inplace, verifier, b.prefix or "<root>")
             out[block_key(new_prefix, dst.key("reparam.weight"))] = kernel
             out[block_key(new_prefix, dst.key("reparam.bias"))] = bias
             report.blocks_fused += 1
@@ -563,7 +569,7 @@ def _convert_vgg(sd, arch, hint, out_layout, verify, inplace, eps, size, progres
         for k in [key, p.conv("bias")] + [p.bn(n) for n in ("weight", "bias") + _STATS]:
             if k in sd:
                 _check_finite(k, sd[k])
-        kernel, bias = _fuse_unit(main, None, None, eps, inplace, verifier)
+        kernel, bias = _fuse_unit(main, None, None, eps, inplace, verifier, p.conv("")[:-1])
         out[rename[key]], out[rename[key][: -len("weight")] + "bias"] = kernel, bias
         report.blocks_fused += 1
         for t in (main[1], *vars(main[2]).values()) if release else ():
