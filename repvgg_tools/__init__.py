@@ -1,7 +1,8 @@
 """repvgg-tools: train multi-branch RepVGG/VGG networks, convert them to plain 3x3 stacks, verify, deploy."""
 
 from .blocks import ConvBN, RepVGGBlock, SEBlock
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint
+from .convert import ConversionError, VerificationError, convert_file, convert_state_dict, load_model
 from .models import create_model, list_models, register_model
 from .reparam import fold_conv_bn, reparameterize
 from .verify import VerifyResult, randomize_batchnorm, verify_equivalence
@@ -9,7 +10,8 @@ from .verify import VerifyResult, randomize_batchnorm, verify_equivalence
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConvBN", "RepVGGBlock", "SEBlock", "CheckpointError", "load_checkpoint", "save_checkpoint", "create_model",
+    "ConvBN", "RepVGGBlock", "SEBlock", "CheckpointError", "load_checkpoint", "read_state_dict", "save_checkpoint",
+    "ConversionError", "VerificationError", "convert_file", "convert_state_dict", "load_model", "create_model",
     "list_models", "register_model", "fold_conv_bn", "reparameterize", "VerifyResult", "randomize_batchnorm",
     "verify_equivalence", "__version__",
 ]
