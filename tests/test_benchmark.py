@@ -19,8 +19,10 @@ def test_benchmark_smoke(tmp_path):
     report = json.loads((out / "report.json").read_text())
     res = report["models"]["repvgg_a0"]
     rows = res["rows"]
+    auto = [k for k in rows if k.startswith("ours auto (")]
+    assert len(auto) == 1 and auto[0][len("ours auto ("):-1] in ("torch", "torch_channels_last", "onnxruntime")
     assert set(rows) == {"ours training", "ours deploy NCHW", "ours deploy channels_last", "onnxruntime (deploy)",
-                         "timm training", "timm deploy"}
+                         "timm training", "timm deploy", auto[0]}
     # published parameter counts (1000 classes); timm's model has the same architecture
     assert rows["ours training"]["params"] == rows["timm training"]["params"] == 9_108_968
     assert rows["ours deploy NCHW"]["params"] == rows["timm deploy"]["params"] == 8_309_384
@@ -39,6 +41,7 @@ def test_benchmark_smoke(tmp_path):
         assert row["median_ms"] > 0 and row["images_per_s"] == 1 / (row["median_ms"] / 1e3)
     s = res["summary"]
     assert s["fastest_deploy"] in rows and s["deploy_speedup_vs_training"] > 0 and s["ours_vs_timm_deploy"] > 0
+    assert s["auto_vs_fastest"] > 0 and "fastest_cpu_runner" in (out / "report.md").read_text()
     text = (out / "report.md").read_text()
     assert "## repvgg_a0" in text and "| ours deploy channels_last | 8,309,384 |" in text and "matmul peak" in text
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
