@@ -114,12 +114,16 @@ def pad_kernel(kernel: Tensor, size: int | Sequence[int]) -> Tensor:
     Raises:
         ValueError: the kernel is larger than ``size`` or a size is even (no centre tap).
     """
-    th, tw = (size, size) if isinstance(size, int) else tuple(size)
-    kh, kw = kernel.shape[-2:]
+    ph, pw = _centre_offset(kernel.shape[-2:], (size, size) if isinstance(size, int) else tuple(size))
+    return torch.nn.functional.pad(kernel, [pw, pw, ph, ph])
+
+
+def _centre_offset(small: Sequence[int], size: Sequence[int]) -> tuple[int, int]:
+    """Row and column offset that centres a ``small`` odd kernel inside an odd kernel of ``size``."""
+    (kh, kw), (th, tw) = small, size
     if kh > th or kw > tw or not all(n % 2 for n in (kh, kw, th, tw)):
         raise ValueError(f"cannot centre a {kh}x{kw} kernel in a {th}x{tw} kernel (both need odd sizes)")
-    ph, pw = (th - kh) // 2, (tw - kw) // 2
-    return torch.nn.functional.pad(kernel, [pw, pw, ph, ph])
+    return (th - kh) // 2, (tw - kw) // 2
 
 
 def identity_kernel(
@@ -211,10 +215,7 @@ def fuse_branches(
     for i, (k, b) in enumerate(fused):
         if i == main:
             continue
-        (kh, kw), (th, tw) = k.shape[-2:], size
-        if (th - kh) % 2 or (tw - kw) % 2 or kh % 2 == 0 or kw % 2 == 0:
-            raise ValueError(f"cannot centre a {kh}x{kw} kernel in a {th}x{tw} kernel (both need odd sizes)")
-        ph, pw = (th - kh) // 2, (tw - kw) // 2
+        (kh, kw), (ph, pw) = k.shape[-2:], _centre_offset(k.shape[-2:], size)
         kernel[..., ph:ph + kh, pw:pw + kw] += k
         bias = bias + b
     dtype = dtype or branches[0][0].dtype
