@@ -6,6 +6,7 @@ import contextlib
 import logging
 import mmap as _mmap
 import os
+import stat
 import sys
 import tempfile
 import warnings
@@ -18,7 +19,8 @@ import torch
 
 __all__ = [
     "CheckpointError", "load_checkpoint", "save_checkpoint", "atomic_write", "read_state_dict", "read_checkpoint",
-    "CheckpointContents", "strip_prefixes", "release_pages", "MODEL_KEYS", "EMA_KEYS", "DROPPED_KEYS",
+    "CheckpointContents", "strip_prefixes", "release_pages", "shared_memory_keys", "check_output_path",
+    "MODEL_KEYS", "EMA_KEYS", "DROPPED_KEYS",
 ]
 
 log = logging.getLogger(__name__)
@@ -42,9 +44,12 @@ def _sniff_format(path: Path) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = True) -> Any:
-    """Load a ``.pth/.pt/.ckpt`` (torch zip or legacy) or ``.safetensors`` file without unpickling code.
+    """Load a ``.pth/.pt/.ckpt`` (torch zip or legacy) or ``.safetensors`` file without running code from it.
 
-    The format is recognized from the file's first bytes, so a misnamed file still loads.
+    The format is recognized from the file's first bytes, so a misnamed file still loads. Files that
+    ``weights_only=True`` refuses (training checkpoints holding configs, argument namespaces, NumPy values, whole
+    model objects) are read with :mod:`repvgg_tools.safe_pickle`: other classes become plain data, calls of
+    non-allowlisted functions are refused. See :func:`read_checkpoint` for which classes were replaced.
 
     Args:
         path: the file.
@@ -55,7 +60,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     Raises:
         CheckpointError: missing, a directory, empty, unreadable, truncated, or a pickle that would run code.
     """
-    path = Path(path)
+    return _load(Path(path), map_location, mmap)[0]
+
+
+def _load(path: Path, map_location: str | torch.device, mmap: bool) -> tuple[Any, list[str]]:
+    """``(object, names of the classes replaced by plain data)``."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
@@ -71,28 +80,49 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path), device=str(map_location))
+            return load_file(str(path), device=str(map_location)), []
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
     if kind == "unknown":
         raise CheckpointError(f"{path}: not a checkpoint (neither a PyTorch zip/pickle file nor safetensors)")
     try:
-        with warnings.catch_warnings(), contextlib.ExitStack() as stack:
-            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
-            if mmap and kind == "zip" and hasattr(_mmap, "MAP_PRIVATE"):
-                # a private mapping: writing to a loaded tensor must never reach the file
-                stack.enter_context(torch.serialization.set_default_mmap_options(_mmap.MAP_PRIVATE))
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and kind == "zip")
+        return _torch_load(path, map_location, mmap and kind == "zip", None), []
     except Exception as exc:  # UnpicklingError, EOFError, RuntimeError from the zip reader, ...
-        msg = _first_line(exc)
-        if "Weights only load failed" in msg or "weights_only" in str(exc):
-            raise CheckpointError(
-                f"{path}: refused to load: the file contains Python objects other than tensors and plain "
-                "containers (loading it could run arbitrary code)"
-            ) from None
-        if kind == "zip" or "EOF" in msg or isinstance(exc, EOFError):
-            raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}: {msg})") from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {msg})") from None
+        if "Weights only load failed" not in str(exc):
+            raise _load_error(path, kind, exc) from None
+    from .safe_pickle import restricted_pickle_module, to_plain
+
+    module, replaced = restricted_pickle_module()
+    try:
+        obj = to_plain(_torch_load(path, map_location, mmap and kind == "zip", module))
+    except Exception as exc:
+        raise _load_error(path, kind, exc) from None
+    if replaced:
+        log.info("%s: read as plain data: %s", path, ", ".join(sorted(replaced)))
+    return obj, sorted(replaced)
+
+
+def _torch_load(path: Path, map_location, mmap: bool, pickle_module) -> Any:
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+        warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+        warnings.filterwarnings("ignore", message=".*source code.*")
+        if mmap and hasattr(_mmap, "MAP_PRIVATE"):
+            # a private mapping: writing to a loaded tensor must never reach the file
+            stack.enter_context(torch.serialization.set_default_mmap_options(_mmap.MAP_PRIVATE))
+        if pickle_module is None:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap, pickle_module=pickle_module)
+
+
+def _load_error(path: Path, kind: str, exc: BaseException) -> CheckpointError:
+    from .safe_pickle import UnsafePickleError
+
+    if isinstance(exc, UnsafePickleError):
+        return CheckpointError(f"{path}: refused to load: {exc}")
+    msg = _first_line(exc)
+    if kind == "zip" or "EOF" in msg or isinstance(exc, EOFError):
+        return CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}: {msg})")
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {msg})")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -122,11 +152,63 @@ def atomic_write(path: str | os.PathLike, write_fn, force: bool = False) -> Path
     os.close(fd)
     try:
         write_fn(tmp)
+        # mkstemp creates 0600; give the file the mode a plain open() would (the existing file's, else umask's)
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(parent, directory=True)  # the rename itself survives a crash
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        if directory:  # some platforms cannot open directories; the data itself is already synced
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def check_output_path(output: str | os.PathLike, force: bool, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Fail before any work when ``output`` cannot or must not be written (every command's one output check).
+
+    Raises:
+        CheckpointError: ``output`` is one of ``inputs`` (never overwritten, even with ``force``), a directory, exists
+            without ``force``, or its directory is missing or not writable.
+    """
+    output = Path(output)
+    for given in inputs:
+        given = Path(given)
+        if (output.exists() and given.exists() and os.path.samefile(output, given)) or output.resolve() == \
+                given.resolve():
+            raise CheckpointError(f"{output}: is the input file {given}; choose another name (inputs are never "
+                                  "overwritten)")
+    if output.is_dir():
+        raise CheckpointError(f"{output}: is a directory")
+    if output.exists() and not force:
+        raise CheckpointError(f"{output}: already exists (use --force to overwrite)")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise CheckpointError(f"{output}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(f"{output}: directory {parent} is not writable")
+    return output
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike, force: bool = False) -> Path:
@@ -151,7 +233,7 @@ EMA_KEYS = ("model_ema", "state_dict_ema", "ema", "ema_state_dict")
 # Training-graph state that means nothing after conversion.
 DROPPED_KEYS = (
     "optimizer", "optimizer_state_dict", "optimizers", "optim", "scheduler", "lr_scheduler", "lr_schedulers",
-    "scaler", "grad_scaler", "amp", "optimizer_states",
+    "scaler", "grad_scaler", "amp", "optimizer_states", "param_schedulers",
 )
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 
@@ -166,6 +248,7 @@ class CheckpointContents:
         container_key: the key the state dict was found under (``None`` for a bare state dict).
         dropped: names of the entries left out of ``extras``.
         format: ``zip``, ``pickle`` or ``safetensors``.
+        replaced: qualified names of the classes that were read as plain data (see :mod:`repvgg_tools.safe_pickle`).
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -173,6 +256,7 @@ class CheckpointContents:
     container_key: str | None = None
     dropped: list[str] = field(default_factory=list)
     format: str = "zip"
+    replaced: list[str] = field(default_factory=list)
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -226,7 +310,7 @@ def read_checkpoint(path: str | os.PathLike, ema: bool = False, mmap: bool = Tru
         CheckpointError: unreadable file, no state dict in it, or ``ema`` without EMA weights.
     """
     path = Path(path)
-    obj = load_checkpoint(path, mmap=mmap)
+    obj, replaced = _load(path, "cpu", mmap)
     fmt = _sniff_format(path)
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict or a dict containing one")
@@ -267,7 +351,7 @@ def read_checkpoint(path: str | os.PathLike, ema: bool = False, mmap: bool = Tru
         raise CheckpointError(f"{path}: state dict keys must be strings")
     if dropped:
         log.info("dropped %s (training state that does not apply after conversion)", ", ".join(map(str, dropped)))
-    return CheckpointContents(strip_prefixes(sd), extras, container_key, dropped, fmt)
+    return CheckpointContents(strip_prefixes(sd), extras, container_key, dropped, fmt, replaced)
 
 
 def read_state_dict(path: str | os.PathLike, ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -292,23 +376,53 @@ def _preview(obj: Mapping, n: int = 6) -> str:
     return ", ".join(keys) + (", ..." if len(obj) > n else "")
 
 
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """``[start, end)`` addresses of the bytes a (possibly strided) tensor can reach."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    reach = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
+    lowest = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True) if st < 0)
+    start = t.data_ptr() + lowest * t.element_size()
+    return start, start + (reach + 1) * t.element_size()
+
+
+def shared_memory_keys(sd: Mapping[str, torch.Tensor]) -> set[str]:
+    """Keys whose bytes overlap another key's bytes (tied weights, views of one buffer that overlap).
+
+    Tensors that are views of one flat buffer but do not overlap are not in the set: writing to one, or dropping
+    its whole pages (:func:`release_pages`), leaves the others intact.
+    """
+    spans = sorted((*_byte_span(t), k) for k, t in sd.items() if isinstance(t, torch.Tensor) and t.numel()
+                   and t.device.type != "meta")
+    shared: set[str] = set()
+    reach_end, reach_key = -1, None
+    for start, end, key in spans:
+        if start < reach_end:
+            shared.update((key, reach_key))
+        if end > reach_end:
+            reach_end, reach_key = end, key
+    return shared
+
+
 def release_pages(tensor: torch.Tensor) -> int:
-    """Give the whole memory pages of a memory-mapped checkpoint tensor back to the OS (Linux; elsewhere a no-op).
+    """Give the memory pages that lie wholly inside a memory-mapped checkpoint tensor back to the OS (Linux;
+    elsewhere a no-op).
 
     Only for tensors from :func:`load_checkpoint` with ``mmap=True`` (a private file mapping) that were never
-    written and will not be read again: the pages are dropped from this process (reading would fetch the file's
-    bytes again). Pages shared with neighbouring tensors are kept. Lets a converter stay within the checkpoint's
-    size of RAM.
+    written, will not be read again, and share no bytes with a live tensor (see :func:`shared_memory_keys`): the
+    pages are dropped from this process (reading would fetch the file's bytes again). Only the pages inside the
+    tensor's own bytes are released, never the rest of its storage, so neighbours in the same buffer (or a fused
+    kernel written into one) keep their pages. Lets a converter stay within the checkpoint's size of RAM.
 
     Returns:
         Bytes released.
     """
-    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or not tensor.numel():
         return 0
-    storage = tensor.untyped_storage()
+    start, end = _byte_span(tensor)
     page = _mmap.PAGESIZE
-    first = -(-storage.data_ptr() // page) * page
-    last = (storage.data_ptr() + storage.nbytes()) // page * page
+    first = -(-start // page) * page
+    last = end // page * page
     if last - first < page:
         return 0
     import ctypes

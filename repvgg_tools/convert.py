@@ -1,45 +1,43 @@
 """Checkpoint conversion at the tensor level: training-form RepVGG / VGG-BN state dicts -> deploy form, verified.
 
-No model is built to convert: each block's tensors go through :mod:`repvgg_tools.fusion` (the functions
-:class:`~repvgg_tools.blocks.RepVGGBlock` uses), a few output channels at a time, and with ``inplace`` the fused
-kernel overwrites the 3x3 kernel it came from, so a memory-mapped checkpoint converts in about its own size of RAM.
-Verification builds the two models on the ``meta`` device and points them at the same tensors (no copies), runs a
-few small random inputs, and compares; a state dict that is not a standalone classifier (a detector holding a RepVGG
-backbone) is verified block by block instead.
+This module orchestrates; the pieces live by responsibility:
+
+- :mod:`repvgg_tools.layouts`: key names of each project and their detection (which keys form a block);
+- :mod:`repvgg_tools.arch`: the architecture the tensors describe (named, from metadata, or inferred);
+- :mod:`repvgg_tools.branches`: a block's branch tensors, validated, fused a chunk at a time through
+  :mod:`repvgg_tools.fusion` (the functions :class:`~repvgg_tools.blocks.RepVGGBlock` uses);
+- :mod:`repvgg_tools.convert_check`: the report, and the float64 verifier that fills it.
+
+No model is built to convert. One walk over the keys fuses each block and carries every other tensor; with
+``inplace`` the fused kernel overwrites the 3x3 kernel it came from and consumed tensors give their pages back, so
+a memory-mapped checkpoint converts in about its own size of RAM.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, read_checkpoint, release_pages, save_checkpoint
-from .convert_parts import (
-    BN_STATS,
-    ConversionError,
-    Verifier,
-    block_parts,
-    check_finite,
-    fuse_unit,
-    param_count,
-    read_bn,
-    resolve_arch,
-)
+from .arch import Arch, ArchHints, checkpoint_hints, resolve_arch
+from .branches import BN_STATS, BlockParts, Branch, block_parts, check_finite, fuse_into, read_bn
+from .checkpoint import check_output_path, read_checkpoint, release_pages, save_checkpoint, shared_memory_keys
+from .convert_check import ConversionReport, VerificationError, Verifier, default_rtol
 from .layouts import (
     LAYOUT_NAMES,
     LAYOUTS,
+    Block,
+    ConversionError,
     Layout,
-    LayoutError,
-    VggPair,
     block_key,
     detect_layout,
     find_blocks,
@@ -50,77 +48,28 @@ from .layouts import (
     rename_layout,
     vgg_index_map,
 )
-from .verify import DEFAULT_RTOL
 
 __all__ = ["ConversionError", "VerificationError", "ConversionReport", "convert_state_dict", "convert_file",
-           "load_model"]
+           "load_model", "DEFAULT_BN_EPS"]
 
 log = logging.getLogger(__name__)
 
 PROGRESS_MIN_PARAMS = 20_000_000
-
-
-class VerificationError(RuntimeError):
-    """The converted weights do not reproduce the original outputs within tolerance. ``report`` has the numbers."""
-
-    def __init__(self, report: ConversionReport) -> None:
-        super().__init__(f"verification failed: max rel err {report.max_rel:.3e} > tolerance {report.rtol:.0e}")
-        self.report = report
-
-
-@dataclass
-class ConversionReport:
-    """What a conversion did. ``max_abs``/``max_rel`` are ``None`` without verification."""
-
-    layout: str
-    out_layout: str
-    arch: str | None = None
-    num_classes: int | None = None
-    blocks_fused: int = 0
-    blocks_already_deployed: int = 0
-    tensors_carried: int = 0
-    params_before: int = 0
-    params_after: int = 0
-    dtype: str = ""
-    verify_mode: str | None = None  # "model" (whole model, small input) or "blocks" (block by block)
-    max_abs: float | None = None
-    max_rel: float | None = None
-    rtol: float = DEFAULT_RTOL
-    passed: bool | None = None
-    convert_seconds: float = 0.0
-    verify_seconds: float = 0.0
-    load_seconds: float = 0.0
-    save_seconds: float = 0.0
-    seconds: float = 0.0
-    input: str | None = None
-    output: str | None = None
-    extras: list[str] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def summary_lines(self) -> list[str]:
-        """Human-readable summary, one fact per line."""
-        layouts = self.layout if self.layout == self.out_layout else f"{self.layout} -> {self.out_layout}"
-        lines = [f"layout:      {layouts}", f"arch:        {self.arch or 'unknown (blocks only)'}",
-                 f"blocks:      {self.blocks_fused} fused, {self.blocks_already_deployed} already deployed, "
-                 f"{self.tensors_carried} other tensors carried",
-                 f"parameters:  {self.params_before:,} -> {self.params_after:,} ({self.dtype})"]
-        if self.max_rel is None:
-            lines.append("verify:      " + ("skipped" if self.blocks_fused else "nothing to verify (nothing fused)"))
-        else:
-            verdict = "ok" if self.passed else "FAILED"
-            lines.append(f"verify:      {self.verify_mode}: max abs err {self.max_abs:.3e}, max rel err "
-                         f"{self.max_rel:.3e} (tolerance {self.rtol:.0e}) {verdict} in {self.verify_seconds:.2f} s")
-        if self.dropped:
-            lines.append(f"dropped:     {', '.join(self.dropped)}")
-        lines.append(f"time:        {self.seconds:.2f} s (load {self.load_seconds:.2f}, convert "
-                     f"{self.convert_seconds:.2f}, verify {self.verify_seconds:.2f}, save {self.save_seconds:.2f})")
-        return lines
+DEFAULT_BN_EPS = 1e-5  # torch.nn.BatchNorm2d's, which every supported project uses unless configured otherwise
+OURS = LAYOUTS["ours"]
 
 
 # --------------------------------------------------------------------------------------------------- conversion
+@dataclass
+class _Converted:
+    """A conversion's output, with what :func:`load_model` reuses instead of working it out again."""
+
+    state_dict: dict[str, Tensor]
+    report: ConversionReport
+    arch: Arch | None = None
+    ours_names: dict[str, str] = field(default_factory=dict)  # output key -> the same tensor's name in our layout
+
+
 def convert_state_dict(
     sd: Mapping[str, Tensor],
     arch: str | None = None,
@@ -129,9 +78,9 @@ def convert_state_dict(
     verify: bool = True,
     *,
     inplace: bool = False,
-    arch_hint: Any = None,
-    rtol: float = DEFAULT_RTOL,
-    bn_eps: float = 1e-5,
+    hints: ArchHints | None = None,
+    rtol: float | None = None,
+    bn_eps: float | None = None,
     input_size: int | None = None,
     progress: bool = False,
     release_mapped: bool = False,
@@ -140,16 +89,21 @@ def convert_state_dict(
 
     Args:
         sd: name -> tensor, container and ``module.`` prefixes already removed
-            (see :func:`repvgg_tools.checkpoint.read_state_dict`).
-        arch: a registered model name the weights must fit; default: the ``arch_hint`` if it fits, else inferred.
-        layout: input layout (one of ``LAYOUT_NAMES``); default: detected.
+            (see :func:`repvgg_tools.checkpoint.read_checkpoint`).
+        arch: a registered model name the weights must fit; default: the checkpoint's own (``hints``) if it fits,
+            else inferred from shapes.
+        layout: input layout (one of ``LAYOUT_NAMES``); default: detected. A forced layout must match the keys.
         out_layout: output layout; default: the input's.
-        verify: compare the two forms on random inputs and raise :class:`VerificationError` beyond ``rtol``.
-        inplace: reuse the input's tensors: fused kernels overwrite the 3x3 kernels and ``sd`` is emptied as blocks
-            fuse (pass a dict you own; memory-mapped tensors are safe, the file is never written).
-        arch_hint: the checkpoint's own ``arch`` entry, used when it fits.
-        rtol: verification tolerance, ``max|a-b| / max|b|``.
-        bn_eps: BatchNorm epsilon (checkpoints do not store it; every supported layout uses 1e-5).
+        verify: compare the two forms in float64 on random inputs and raise :class:`VerificationError` beyond
+            ``rtol``.
+        inplace: reuse the input's tensors: fused kernels overwrite the 3x3 kernels (unless a kernel shares memory
+            with another tensor) and ``sd`` is emptied as blocks fuse (pass a dict you own; memory-mapped tensors are
+            safe, the file is never written).
+        hints: what the checkpoint's metadata says (:func:`repvgg_tools.arch.checkpoint_hints`): arch, builder
+            arguments, BatchNorm epsilon.
+        rtol: verification tolerance, ``max|a-b| / max|b|``; default: the weights' dtype's
+            (:data:`repvgg_tools.convert_check.DTYPE_RTOL`).
+        bn_eps: BatchNorm epsilon the model was trained with; default: ``hints.bn_eps``, else 1e-5.
         input_size: side of the random verification inputs (default 64 for RepVGG, 32 for VGG).
         progress: show a progress bar on stderr for large models.
         release_mapped: with ``inplace``, the tensors come from ``load_checkpoint(mmap=True)``: give the pages of
@@ -159,10 +113,25 @@ def convert_state_dict(
         ``(deploy_state_dict, report)``.
 
     Raises:
-        ConversionError: not a RepVGG/VGG-BN state dict, corrupt weights (NaN/Inf, negative variance), or weights
-            that do not fit ``arch``.
+        ConversionError: not a RepVGG/VGG-BN state dict, a forced layout or arch that does not match, corrupt
+            weights (NaN/Inf, negative variance), or weights that do not fit ``arch``.
         VerificationError: the outputs differ beyond ``rtol``.
     """
+    converted = _convert(sd, arch, layout, out_layout, verify, inplace, hints or ArchHints(), rtol, bn_eps,
+                         input_size, progress, release_mapped)
+    return converted.state_dict, converted.report
+
+
+def _bn_eps(bn_eps: float | None, hints: ArchHints) -> tuple[float, str]:
+    eps, source = ((bn_eps, "given") if bn_eps is not None else (hints.bn_eps, "checkpoint metadata")
+                   if hints.bn_eps is not None else (DEFAULT_BN_EPS, "default of torch BatchNorm2d"))
+    if not (isinstance(eps, (int, float)) and 0 < eps < 1):
+        raise ConversionError(f"BatchNorm eps must be a number in (0, 1), got {eps!r}")
+    return float(eps), source
+
+
+def _convert(sd, arch, layout, out_layout, verify, inplace, hints, rtol, bn_eps, input_size, progress,
+             release_mapped) -> _Converted:
     start = time.perf_counter()
     if not isinstance(sd, Mapping) or not sd:
         raise ConversionError("empty state dict")
@@ -172,7 +141,9 @@ def convert_state_dict(
     for k, v in sd.items():
         if not isinstance(v, Tensor):
             raise ConversionError(f"{k}: not a tensor ({type(v).__name__})")
+    eps, eps_source = _bn_eps(bn_eps, hints)
     detected = detect_layout(sd)
+    vgg = layout == "torchvision" or (layout in (None, "ours") and detected == "torchvision")
     layout = layout or detected
     if layout is None:
         preview = ", ".join(list(sd)[:3])
@@ -180,70 +151,120 @@ def convert_state_dict(
                               f"(keys: {preview}, ...)")
     work = sd if inplace else dict(sd)
     params_before = param_count(work)
-    dtype = next((v.dtype for v in work.values() if torch.is_floating_point(v)), torch.float32)
-    try:
-        if layout == "torchvision" or (layout == "ours" and detected == "torchvision"):
-            out, report = _convert_vgg(work, arch, arch_hint, out_layout, verify, inplace, bn_eps, input_size or 32,
-                                       progress, release_mapped and inplace)
-        else:
-            if layout == "torchvision" or out_layout == "torchvision":
-                raise ConversionError("the torchvision layout is for VGG models; RepVGG converts to ours, official, "
-                                      "timm or mmpretrain")
-            out, report = _convert_repvgg(work, LAYOUTS[layout], LAYOUTS[out_layout or layout], detected, arch,
-                                          arch_hint, verify, inplace, bn_eps, input_size or 64, progress,
-                                          release_mapped and inplace)
-    except LayoutError as exc:
-        raise ConversionError(str(exc)) from None
-    report.params_before, report.params_after = params_before, param_count(out)
-    report.dtype, report.rtol = str(dtype).replace("torch.", ""), rtol
+    job = _Job(work, eps, inplace, release_mapped and inplace, verify, progress,
+               shared_memory_keys(work) if inplace else set())
+    if vgg:
+        converted = _convert_vgg(job, arch, hints, out_layout, detected, input_size or 32)
+    else:
+        if out_layout == "torchvision":
+            raise ConversionError("the torchvision layout is for VGG models; RepVGG converts to ours, official, "
+                                  "timm or mmpretrain")
+        converted = _convert_repvgg(job, LAYOUTS[layout], LAYOUTS[out_layout or layout], detected, arch, hints,
+                                    input_size or 64)
+    report = converted.report
+    report.params_before, report.params_after = params_before, param_count(converted.state_dict)
+    report.dtype, report.bn_eps, report.bn_eps_source = str(job.dtype).replace("torch.", ""), eps, eps_source
+    report.rtol, report.rtol_source = ((rtol, "given") if rtol is not None
+                                       else (default_rtol(job.dtype), f"{report.dtype} weights"))
     report.convert_seconds = time.perf_counter() - start - report.verify_seconds
     report.seconds = time.perf_counter() - start
     if report.max_rel is not None:
-        report.passed = report.max_rel <= rtol
+        report.passed = report.max_rel <= report.rtol
         log.info("verification (%s): max abs %.3e, max rel %.3e", report.verify_mode, report.max_abs, report.max_rel)
         if not report.passed:
             raise VerificationError(report)
-    return out, report
+    return converted
 
 
-def _progress(items: list, total_params: int, enabled: bool, desc: str):
-    if not enabled or total_params < PROGRESS_MIN_PARAMS:
-        return items
-    from tqdm import tqdm
+@dataclass
+class _Job:
+    """One conversion's input and settings, shared by the RepVGG and VGG walks."""
 
-    # disable=None: only on a terminal, so logs and captured stderr stay clean
-    return tqdm(items, desc=desc, unit="tensor", file=sys.stderr, leave=False, disable=None)
+    sd: dict[str, Tensor]
+    eps: float
+    inplace: bool
+    release: bool
+    verify: bool
+    progress: bool
+    shared: set[str]  # keys whose memory another key reaches: never written in place, never released
+    dtype: torch.dtype = torch.float32
+
+    def keys(self, desc: str):
+        """The input keys in order, with a progress bar for large models."""
+        items = list(self.sd)
+        if not self.progress or sum(v.numel() for v in self.sd.values()) < PROGRESS_MIN_PARAMS:
+            return items
+        from tqdm import tqdm
+
+        # disable=None: only on a terminal, so logs and captured stderr stay clean
+        return tqdm(items, desc=desc, unit="tensor", file=sys.stderr, leave=False, disable=None)
+
+    def fuse(self, parts: BlockParts, kernel_key: str, verifier: Verifier | None, where: str) -> tuple[Tensor, Tensor]:
+        """The fused ``(kernel, bias)`` of a block, written over its main kernel when that is safe."""
+        w = parts.main.kernel
+        kernel = w if self.inplace and kernel_key not in self.shared else torch.empty_like(w)
+        bias = torch.empty(w.shape[0], dtype=w.dtype, device=w.device)
+        probe = verifier.before(parts) if verifier else None
+        fuse_into(kernel, bias, parts, self.eps, where)
+        if verifier:
+            verifier.after(probe, kernel, bias)
+        return kernel, bias
+
+    def consume(self, keys: dict[str, str], keep: tuple[str, ...]) -> None:
+        """With ``inplace``: drop a fused unit's input tensors (roles in ``keep`` live on in the output), and give
+        their pages back to the OS where no other tensor reaches them."""
+        if not self.inplace:
+            return
+        for role, key in keys.items():
+            t = self.sd.pop(key)
+            if self.release and role not in keep and key not in self.shared:
+                release_pages(t)
 
 
-def _convert_repvgg(sd, src: Layout, dst: Layout, detected, arch, hint, verify, inplace, eps, size, progress, release):
+def _convert_repvgg(job: _Job, src: Layout, dst: Layout, detected, arch, hints, size) -> _Converted:
+    sd = job.sd
     blocks = find_blocks(sd, src)
     if not blocks:
         raise ConversionError(f"no RepVGG blocks in the {src.name} layout found"
                               + (f" (the keys look like the {detected} layout)" if detected else ""))
+    if dst.name != src.name and not (src.modelable and dst.modelable):
+        raise ConversionError(f"a {src.name} checkpoint converts to its own layout only, not {dst.name}")
     standalone = is_standalone(sd, blocks, src)
     training = [b for b in blocks if not b.deployed]
     parts = {b.prefix: block_parts(sd, b) for b in training}  # validates every block before anything changes
+    job.dtype = next(iter(parts.values())).main.kernel.dtype if parts else _first_float_dtype(sd)
     report = ConversionReport(src.name, dst.name, blocks_already_deployed=len(blocks) - len(training))
+    ours_prefix = {b.prefix: map_block_prefix(b.prefix, src, OURS, standalone) for b in blocks}
     model_arch = canon = None
-    if standalone and len(training) in (0, len(blocks)):
-        canon = rename_layout(sd, src, LAYOUTS["ours"], blocks, True)
-        model_arch = resolve_arch(canon, arch, hint, False, deploy=not training)
+    if standalone and src.modelable and len(training) in (0, len(blocks)):
+        canon = rename_layout(sd, src, OURS, blocks, True)
+        canon_blocks = [Block(ours_prefix[b.prefix], {r: block_key(ours_prefix[b.prefix], OURS.key(r)) for r in b.keys},
+                              b.deployed, OURS) for b in blocks]
+        model_arch = resolve_arch(canon, arch, hints, False, deploy=not training, blocks=canon_blocks)
         if model_arch is not None:
             report.arch, report.num_classes = model_arch.name, model_arch.num_classes
     elif arch is not None:
-        log.warning("--arch %s ignored: the checkpoint holds more than a RepVGG classifier", arch)
-    verifier = None
-    if verify and training:
-        verifier = Verifier(model_arch, canon, sd[training[0].keys["branch_3x3.conv.weight"]], size)
+        raise ConversionError(f"--arch {arch} does not apply: the checkpoint holds more than a standalone RepVGG "
+                              "classifier; convert without --arch (its blocks are verified one by one)")
+    verifier = Verifier(model_arch, canon, job.eps, size) if job.verify and training else None
     del canon
     where = {k: b for b in blocks for k in b.keys.values()}
+    aux = re.compile(rf"(.*\.)?{src.aux}") if src.aux else None
     out: dict[str, Tensor] = {}
+    ours: dict[str, str] = {}
+    dropped_aux = 0
     done: set[str] = set()
-    for key in _progress(list(sd), sum(v.numel() for v in sd.values()), progress, "fusing"):
+    for key in job.keys("fusing"):
         b = where.get(key)
         if b is None:
+            if aux is not None and aux.match(key) and training:
+                dropped_aux += 1
+                job.consume({"": key}, ())
+                continue
             check_finite(key, sd[key])
-            out[(map_head_key(key, src, dst) if standalone else None) or key] = sd.pop(key) if inplace else sd[key]
+            name = (map_head_key(key, src, dst) if standalone else None) or key
+            out[name] = sd.pop(key) if job.inplace else sd[key]
+            ours[name] = (map_head_key(key, src, OURS) if standalone else None) or key
             report.tensors_carried += 1
             continue
         if b.prefix in done:
@@ -253,46 +274,56 @@ def _convert_repvgg(sd, src: Layout, dst: Layout, detected, arch, hint, verify, 
             if b.deployed or not role.endswith("conv.weight"):  # conv kernels are checked after fusion
                 check_finite(k, sd[k])
         new_prefix = map_block_prefix(b.prefix, src, dst, standalone)
-        for role in [r for r in b.keys if r.startswith("se.") or b.deployed]:
-            out[block_key(new_prefix, dst.key(role))] = sd[b.keys[role]]
+        written = {role: sd[b.keys[role]] for role in b.keys if role.startswith("se.") or b.deployed}
         if not b.deployed:
-            main, side, identity = parts.pop(b.prefix)
-            kernel, bias = fuse_unit(main, side, identity, eps, inplace, verifier, b.prefix or "<root>")
-            out[block_key(new_prefix, dst.key("reparam.weight"))] = kernel
-            out[block_key(new_prefix, dst.key("reparam.bias"))] = bias
+            written["reparam.weight"], written["reparam.bias"] = job.fuse(
+                parts.pop(b.prefix), b.keys["branch_3x3.conv.weight"], verifier, b.prefix or "<root>")
             report.blocks_fused += 1
-            del main, side, identity
-        for role, k in b.keys.items() if inplace else ():
-            t = sd.pop(k)
-            if release and not b.deployed and role != "branch_3x3.conv.weight" and not role.startswith("se."):
-                release_pages(t)
+        for role, t in written.items():
+            name = block_key(new_prefix, dst.key(role))
+            out[name], ours[name] = t, block_key(ours_prefix[b.prefix], OURS.key(role))
+        job.consume(b.keys, ("branch_3x3.conv.weight",) + tuple(r for r in b.keys if r.startswith("se.")))
+    if dropped_aux:
+        report.notes.append(f"dropped {dropped_aux} tensors of the auxiliary classifiers (training only; the "
+                            f"{src.name} deploy form has none)")
     if verifier is not None:
-        verifier.finish(report, lambda: rename_layout(out, dst, LAYOUTS["ours"], find_blocks(out, dst), True))
-    return out, report
+        verifier.finish(report, lambda: {ours[k]: v for k, v in out.items()})
+    return _Converted(out, report, model_arch, ours)
 
 
-def _convert_vgg(sd, arch, hint, out_layout, verify, inplace, eps, size, progress, release):
+def _first_float_dtype(sd: Mapping[str, Tensor]) -> torch.dtype:
+    return next((v.dtype for v in sd.values() if torch.is_floating_point(v)), torch.float32)
+
+
+def _convert_vgg(job: _Job, arch, hints, out_layout, detected, size) -> _Converted:
     if out_layout not in (None, "torchvision", "ours"):
         raise ConversionError(f"a VGG converts to the torchvision layout, not {out_layout!r}")
+    sd = job.sd
     pairs = find_vgg_pairs(sd)
+    if not pairs and detected != "torchvision":
+        raise ConversionError(f"--layout torchvision matches nothing here: no features.N conv followed by a "
+                              f"BatchNorm (the keys look like the {detected or 'unknown'} layout)")
     report = ConversionReport("torchvision", "torchvision")
     standalone = all(p.root == "features." for p in pairs) and all(
         k.startswith(("features.", "classifier.")) for k in sd)
-    model_arch = resolve_arch(sd, arch, hint, True, deploy=not pairs) if standalone else None
+    model_arch = resolve_arch(sd, arch, hints, True, deploy=not pairs) if standalone else None
     if model_arch is not None:
         report.arch, report.num_classes = model_arch.name, model_arch.num_classes
     elif arch is not None and not standalone:
-        log.warning("--arch %s ignored: the checkpoint holds more than a VGG classifier", arch)
-    parts: dict[str, tuple[VggPair, tuple]] = {}
+        raise ConversionError(f"--arch {arch} does not apply: the checkpoint holds more than a VGG classifier; "
+                              "convert without --arch (its conv+BatchNorm pairs are verified one by one)")
+    parts: dict[str, tuple] = {}
     for p in pairs:
         w = sd[p.conv("weight")]
         keys = {f"bn.{n}": p.bn(n) for n in ("weight", "bias", "running_mean", "running_var") if p.bn(n) in sd}
-        parts[p.conv("weight")] = (p, (w, sd.get(p.conv("bias")), read_bn(sd, keys, "bn", w.shape[0], p.conv(""))))
-    verifier = Verifier(model_arch, sd, sd[pairs[0].conv("weight")], size) if verify and pairs else None
+        bn = read_bn(sd, keys, "bn", w.shape[0], p.bn("")[:-1])
+        parts[p.conv("weight")] = (p, BlockParts(Branch(w, sd.get(p.conv("bias")), bn), None, None, 1))
+    job.dtype = sd[pairs[0].conv("weight")].dtype if pairs else _first_float_dtype(sd)
+    verifier = Verifier(model_arch, sd, job.eps, size) if job.verify and pairs else None
     rename = vgg_index_map(sd, pairs)
     consumed = {p.bn(n) for p in pairs for n in ("weight", "bias") + BN_STATS} | {p.conv("bias") for p in pairs}
     out: dict[str, Tensor] = {}
-    for key in _progress(list(sd), sum(v.numel() for v in sd.values()), progress, "folding"):
+    for key in job.keys("folding"):
         if key in consumed:
             continue
         if key not in parts:
@@ -300,40 +331,30 @@ def _convert_vgg(sd, arch, hint, out_layout, verify, inplace, eps, size, progres
             out[rename.get(key, key)] = sd[key]
             report.tensors_carried += 1
             continue
-        p, main = parts.pop(key)
-        for k in [key, p.conv("bias")] + [p.bn(n) for n in ("weight", "bias") + BN_STATS]:
-            if k in sd:
+        p, unit = parts.pop(key)
+        unit_keys = {"conv.weight": key, "conv.bias": p.conv("bias"),
+                     **{f"bn.{n}": p.bn(n) for n in ("weight", "bias") + BN_STATS}}
+        unit_keys = {role: k for role, k in unit_keys.items() if k in sd}
+        for k in unit_keys.values():
+            if k != key:
                 check_finite(k, sd[k])
-        kernel, bias = fuse_unit(main, None, None, eps, inplace, verifier, p.conv("")[:-1])
+        kernel, bias = job.fuse(unit, key, verifier, p.conv("")[:-1])
         out[rename[key]], out[rename[key][: -len("weight")] + "bias"] = kernel, bias
         report.blocks_fused += 1
-        for t in (main[1], *vars(main[2]).values()) if release else ():
-            if t is not None:
-                release_pages(t)
-    if inplace:
+        job.consume(unit_keys, ("conv.weight",))
+    if job.inplace:
         sd.clear()
     if verifier is not None:
         verifier.finish(report, lambda: out)
-    return out, report
+    return _Converted(out, report, model_arch, {k: k for k in out})
+
+
+def param_count(sd: Mapping[str, Tensor]) -> int:
+    """Parameters of a state dict (BatchNorm statistics excluded)."""
+    return sum(v.numel() for k, v in sd.items() if isinstance(v, Tensor) and not k.endswith(BN_STATS))
 
 
 # ------------------------------------------------------------------------------------------------------- files
-def _check_output(input: Path, output: Path, force: bool) -> None:
-    """Fail before any work when OUTPUT cannot or must not be written."""
-    if output.exists() and input.exists() and os.path.samefile(output, input) or output.resolve() == input.resolve():
-        raise CheckpointError(f"{output}: OUTPUT is the INPUT file; choose another name (the input is never "
-                              "overwritten)")
-    if output.is_dir():
-        raise CheckpointError(f"{output}: is a directory")
-    if output.exists() and not force:
-        raise CheckpointError(f"{output}: already exists (use --force to overwrite)")
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        raise CheckpointError(f"{output}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise CheckpointError(f"{output}: directory {parent} is not writable")
-
-
 def convert_file(
     input: str | os.PathLike,
     output: str | os.PathLike,
@@ -345,17 +366,20 @@ def convert_file(
     verify: bool = True,
     force: bool = False,
     progress: bool = False,
-    rtol: float = DEFAULT_RTOL,
+    rtol: float | None = None,
+    bn_eps: float | None = None,
 ) -> ConversionReport:
     """Convert a checkpoint file to its deploy form, atomically (what ``repvgg-convert`` runs).
 
-    The input is memory-mapped and converted in place in memory (never on disk). Non-model entries (epoch, arch,
-    args, ...) are carried over, optimizer state is dropped. The container is kept (a bare state dict stays bare);
-    ``.safetensors`` output gets the state dict, with the other entries as string metadata.
+    The input is memory-mapped and converted in place in memory (never on disk). Training files with configs,
+    argument namespaces and logs load as plain data (:mod:`repvgg_tools.safe_pickle`). Non-model entries (epoch,
+    arch, args, ...) are carried over as plain data, optimizer and scheduler state is dropped. The container is kept
+    (a bare state dict stays bare); ``.safetensors`` output gets the state dict, with the other entries as string
+    metadata.
 
     Args:
         input, output: paths; ``output`` must differ from ``input``.
-        arch, layout, out_layout, verify, rtol: see :func:`convert_state_dict`.
+        arch, layout, out_layout, verify, rtol, bn_eps: see :func:`convert_state_dict`.
         ema: convert the EMA weights (``model_ema``, ``state_dict_ema``, ``ema``).
         force: overwrite an existing ``output``.
         progress: progress bar on stderr for large models.
@@ -365,18 +389,22 @@ def convert_file(
 
     Raises:
         CheckpointError: unreadable input, or an output that cannot be written.
-        ConversionError: see :func:`convert_state_dict`.
+        ConversionError: see :func:`convert_state_dict`; also when there is nothing to fuse.
         VerificationError: nothing is written.
     """
     start = time.perf_counter()
     input, output = Path(input), Path(output)
-    _check_output(input, output, force)
+    check_output_path(output, force, (input,))
     contents = read_checkpoint(input, ema=ema)
     load_seconds = time.perf_counter() - start
     deploy, report = convert_state_dict(
-        contents.state_dict, arch, layout, out_layout, verify, inplace=True, arch_hint=contents.extras.get("arch"),
-        rtol=rtol, progress=progress, release_mapped=contents.format == "zip",
+        contents.state_dict, arch, layout, out_layout, verify, inplace=True, hints=checkpoint_hints(contents.extras),
+        rtol=rtol, bn_eps=bn_eps, progress=progress, release_mapped=contents.format == "zip",
     )
+    if not report.blocks_fused:
+        what = (f"all {report.blocks_already_deployed} RepVGG blocks are already in deploy form"
+                if report.blocks_already_deployed else "no conv+BatchNorm pair to fold")
+        raise ConversionError(f"{input}: nothing to fuse: {what}; the file needs no conversion")
     extras = dict(contents.extras)
     if "layout" in extras:
         extras["layout"] = report.out_layout
@@ -392,50 +420,80 @@ def convert_file(
     report.save_seconds = time.perf_counter() - t0
     report.load_seconds, report.input, report.output = load_seconds, str(input), str(output)
     report.extras, report.dropped = sorted(map(str, extras)), sorted(map(str, contents.dropped))
+    report.replaced = list(contents.replaced)
     report.seconds = time.perf_counter() - start
     log.info("wrote %s", output)
     return report
 
 
 def load_model(
-    path: str | os.PathLike, arch: str | None = None, layout: str | None = None, ema: bool = False
+    path: str | os.PathLike, arch: str | None = None, layout: str | None = None, ema: bool = False, *,
+    deploy: bool = True, model_kwargs: Mapping[str, Any] | None = None, bn_eps: float | None = None,
+    verify: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Our deploy-form model (eval mode) holding the weights of a training or deploy checkpoint in any layout.
+    """Our model (eval mode) holding the weights of a training or deploy checkpoint in any layout.
+
+    The architecture is ``arch``, else the checkpoint's own (``arch`` entry, official ``config.MODEL.ARCH``, timm
+    ``args.model``) when the weights fit it, else read from shapes. Builder arguments the weights cannot show
+    (``output_stride``, strides, dilation) come from ``model_kwargs``, else the checkpoint's ``model_kwargs`` entry.
 
     Args:
         path: checkpoint file.
-        arch: a registered model name; default: the checkpoint's ``arch`` entry if it fits, else inferred.
+        arch: a registered model name.
         layout: input layout; default: detected.
         ema: load the EMA weights.
+        deploy: return the deploy form (fused; the default), or the training form (needs a training checkpoint).
+        model_kwargs: builder arguments, overriding the checkpoint's.
+        bn_eps: BatchNorm epsilon the weights were trained with (default: checkpoint metadata, else 1e-5).
+        verify: check a conversion in float64 (see :func:`convert_state_dict`); ``info["conversion"]`` then has
+            ``max_abs``, ``max_rel`` and ``rtol``.
 
     Returns:
         ``(model, info)``; ``info`` has ``arch``, ``num_classes``, ``layout``, ``in_chans``, ``deployed_input``
-        (whether the file already held the deploy form), ``blocks_fused`` and the checkpoint's ``extras``.
+        (whether the file already held the deploy form), ``blocks_fused``, ``model_kwargs``, ``bn_eps``,
+        ``conversion`` and the checkpoint's ``extras``.
 
     Raises:
-        CheckpointError, ConversionError: unreadable file, or not a standalone RepVGG/VGG classifier.
+        CheckpointError, ConversionError: unreadable file, not a standalone RepVGG/VGG classifier, a training form
+            asked of a deploy checkpoint, or strides/dilation that neither the weights nor the metadata tell.
+        VerificationError: with ``verify``, the fused weights do not reproduce the training form.
     """
     contents = read_checkpoint(path, ema=ema)
-    sd, hint = contents.state_dict, contents.extras.get("arch")
-    deploy, report = convert_state_dict(sd, arch, layout, None, verify=False, inplace=True, arch_hint=hint)
-    vgg = report.layout == "torchvision"
-    if not vgg:
-        src = LAYOUTS[report.out_layout]
-        blocks = find_blocks(deploy, src)
-        if not is_standalone(deploy, blocks, src):
-            raise ConversionError(f"{path}: not a standalone RepVGG classifier or backbone (it holds other modules "
-                                  "too); use convert_state_dict for whole-model checkpoints")
-        deploy = rename_layout(deploy, src, LAYOUTS["ours"], blocks, True)
-    resolved = resolve_arch(deploy, arch, hint, vgg, deploy=True)
+    hints = checkpoint_hints(contents.extras)
+    if model_kwargs is not None:
+        hints.model_kwargs = dict(model_kwargs)
+    train_sd = contents.state_dict
+    # the training form needs the tensors as read: fuse into new tensors then
+    converted = _convert(train_sd, arch, layout, None, verify, deploy, hints, None, bn_eps, None, False, False)
+    report, resolved = converted.report, converted.arch
     if resolved is None:
-        raise ConversionError(f"{path}: cannot tell the architecture from the weights; pass arch=")
-    model = resolved.build(True)
-    missing, unexpected = model.load_state_dict(deploy, strict=False)
+        if report.layout != "torchvision" and not LAYOUTS[report.layout].modelable:
+            raise ConversionError(f"{path}: a {report.layout} checkpoint has no model here; use repvgg-convert")
+        raise ConversionError(f"{path}: not a standalone RepVGG/VGG classifier or backbone, or its architecture "
+                              "cannot be told from the weights; pass arch= (whole-model checkpoints: use "
+                              "convert_state_dict)")
+    if resolved.unknown:
+        raise ConversionError(f"{path}: {resolved.unknown}")
+    if deploy:
+        model, sd = resolved.build(True), {converted.ours_names[k]: v for k, v in converted.state_dict.items()}
+    else:
+        if not report.blocks_fused:
+            raise ConversionError(f"{path}: holds the deploy form; there is no training form to build")
+        src = LAYOUTS[report.layout] if report.layout != "torchvision" else None
+        model = resolved.build(False)
+        sd = rename_layout(train_sd, src, OURS) if src is not None else train_sd
+    missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or [k for k in missing if not k.endswith("num_batches_tracked")]:
         raise ConversionError(f"{path}: weights do not fit {resolved.name} (missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]})")
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eps = report.bn_eps
     model.eval()
     info = {"arch": resolved.name, "num_classes": resolved.num_classes, "layout": report.layout,
             "in_chans": resolved.in_chans, "deployed_input": report.blocks_fused == 0,
-            "blocks_fused": report.blocks_fused, "extras": contents.extras}
+            "blocks_fused": report.blocks_fused, "model_kwargs": dict(hints.model_kwargs),
+            "bn_eps": report.bn_eps, "extras": contents.extras,
+            "conversion": None if report.max_rel is None else {"max_abs": report.max_abs, "max_rel": report.max_rel,
+                                                               "rtol": report.rtol, "mode": report.verify_mode}}
     return model, info

@@ -23,18 +23,16 @@ layout         training block (one stage-1 block)            deploy block       
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = [
     "Layout", "LAYOUTS", "LAYOUT_NAMES", "Block", "LayoutError", "detect_layout", "find_blocks", "block_key",
     "map_block_prefix", "map_head_key", "rename_layout", "is_standalone", "find_vgg_pairs", "VggPair", "vgg_index_map",
-    "RepVGGSpec", "infer_repvgg_spec", "infer_vgg_name", "state_dict_mismatch",
+    "ConversionError",
 ]
 
 BN_PARAMS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -47,10 +45,14 @@ ROLES: dict[str, tuple[str, ...]] = {
     "se.down": CONV_PARAMS, "se.up": CONV_PARAMS,
     "reparam": CONV_PARAMS,
 }
-LAYOUT_NAMES = ("ours", "official", "timm", "mmpretrain", "torchvision")
+LAYOUT_NAMES = ("ours", "official", "timm", "mmpretrain", "repvggplus", "torchvision")
 
 
-class LayoutError(ValueError):
+class ConversionError(ValueError):
+    """The input cannot be converted (wrong architecture, corrupt weights, unknown layout); one-line message."""
+
+
+class LayoutError(ConversionError):
     """The tensors do not form a layout we know; the message says which key is wrong."""
 
 
@@ -67,6 +69,9 @@ class Layout:
         stage_fmt: format of a stage block's name from ``s`` (the regex's stage number) and ``j``.
         root: where the backbone lives in a standalone classifier (``""`` or ``"backbone."``).
         head: the classifier's linear layer.
+        aux: regex of training-only keys that the deploy form leaves out (RepVGGplus's auxiliary classifiers).
+        modelable: our :class:`~repvgg_tools.models.RepVGG` can hold a standalone classifier of this layout
+            (RepVGGplus cannot: its SE follows the ReLU and stage 3 is split in two).
     """
 
     name: str
@@ -77,6 +82,8 @@ class Layout:
     stage_fmt: str
     root: str
     head: str
+    aux: str | None = None
+    modelable: bool = True
     suffixes: dict[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -126,6 +133,14 @@ LAYOUTS: dict[str, Layout] = {
          "branch_1x1.conv": "branch_1x1.conv", "branch_1x1.bn": "branch_1x1.norm", "branch_identity": "branch_norm",
          "se.down": "se_layer.conv1.conv", "se.up": "se_layer.conv2.conv", "reparam": "branch_reparam"},
         "stem", r"stage_(?P<s>[1-9]\d*)\.(?P<j>\d+)", 1, "stage_{s}.{j}", "backbone.", "head.fc"),
+    # the official repo's repvggplus.py: stage 3 split into stage3_first/stage3_second, SE *after* the ReLU
+    "repvggplus": Layout(
+        "repvggplus",
+        {"branch_3x3.conv": "rbr_dense.conv", "branch_3x3.bn": "rbr_dense.bn", "branch_1x1.conv": "rbr_1x1.conv",
+         "branch_1x1.bn": "rbr_1x1.bn", "branch_identity": "rbr_identity", "se.down": "post_se.down",
+         "se.up": "post_se.up", "reparam": "rbr_reparam"},
+        "stage0", r"stage(?P<s>[1-4])(?:_first|_second)?\.blocks\.(?P<j>\d+)", 1, "stage{s}.blocks.{j}", "", "linear",
+        aux=r"stage(?:1|2|3_first)_aux\.", modelable=False),
 }
 
 
@@ -142,6 +157,9 @@ def detect_layout(keys: Iterable[str]) -> str | None:
         sigs = (layout.key("branch_3x3.bn.running_var"), layout.key("reparam.weight"))
         scores[name] = sum(1 for k in keys if any(_ends_with(k, s) for s in sigs))
     best = max(scores, key=scores.get)
+    if best == "official" and any(re.match(r"(.*\.)?(stage\d(_first|_second)?\.blocks\.\d+\.|stage\d\w*_aux\.)|"
+                                           r"(.*\.)?post_se\.", k) for k in keys):
+        return "repvggplus"  # same branch names as the official RepVGG, but stages hold .blocks and SE is post_se
     if scores[best]:
         return best
     if any(True for _ in _vgg_candidates(keys)) or any(re.fullmatch(r"(.*\.)?classifier\.6\.weight", k) for k in keys):
@@ -157,14 +175,20 @@ class Block:
         prefix: its module path (``stages.1.0``; ``""`` for a state dict of one block).
         keys: our ``role.param`` (``branch_1x1.bn.running_var``) -> the input key.
         deployed: holds a fused conv instead of branches.
+        layout: the layout its keys follow.
     """
 
     prefix: str
     keys: dict[str, str]
     deployed: bool
+    layout: Layout
 
     def has(self, role: str) -> bool:
         return any(k.startswith(role + ".") for k in self.keys)
+
+    def module(self, role: str) -> str:
+        """The input's own name of one of our modules in this block (``branch_identity`` -> ``...rbr_identity``)."""
+        return block_key(self.prefix, self.layout.modules[role])
 
 
 def block_key(prefix: str, suffix: str) -> str:
@@ -187,7 +211,7 @@ def find_blocks(keys: Iterable[str], layout: Layout) -> list[Block]:
                 prefix = k[: -len(sfx)].rstrip(".")
                 if prefix in blocks and blocks[prefix].deployed != deployed:
                     raise LayoutError(f"block {prefix!r} holds both training branches and a fused conv")
-                blocks[prefix] = Block(prefix, {}, deployed)
+                blocks[prefix] = Block(prefix, {}, deployed, layout)
     if not blocks:
         return []
     for k in keys:
@@ -313,172 +337,3 @@ def vgg_index_map(keys: Iterable[str], pairs: list[VggPair]) -> dict[str, str]:
                 out[k] = f"{root}{i - sum(1 for b in bn_idx if b < i)}.{m.group(2)}"
                 break
     return out
-
-
-# ------------------------------------------------------------------------------------- architecture from shapes
-@dataclass
-class RepVGGSpec:
-    """A RepVGG architecture read from tensor shapes; ``name`` is the zoo model it matches, if any."""
-
-    widths: tuple[int, ...]
-    depths: tuple[int, ...]
-    layer_groups: dict[int, int]
-    se_ratio: float = 0.0
-    num_classes: int = 1000
-    in_chans: int = 3
-    strides: tuple[int, ...] = (2, 2, 2, 2, 2)
-    use_1x1: bool = True
-    use_identity: bool = True
-    name: str | None = None
-
-    def _kwargs(self) -> dict:
-        kw: dict = {}
-        if self.in_chans != 3:
-            kw["in_chans"] = self.in_chans
-        if tuple(self.strides) != (2, 2, 2, 2, 2):
-            kw["strides"] = tuple(self.strides)
-            kw["output_stride"] = math.prod(self.strides)
-        if not self.use_1x1:
-            kw["use_1x1"] = False
-        if not self.use_identity:
-            kw["use_identity"] = False
-        return kw
-
-    def build(self, deploy: bool = False) -> nn.Module:
-        """Our model of this architecture (on the current default device)."""
-        from .models import RepVGG, create_model
-
-        if self.name:
-            return create_model(self.name, num_classes=self.num_classes, deploy=deploy, **self._kwargs())
-        return RepVGG(self.widths, self.depths, self.layer_groups, num_classes=self.num_classes,
-                      se_ratio=self.se_ratio, deploy=deploy, **self._kwargs())
-
-    def describe(self) -> str:
-        extra = ", ".join(f"{k}={v}" for k, v in self._kwargs().items())
-        if self.name:
-            return f"{self.name} ({extra})" if extra else self.name
-        groups = f", layer_groups={self.layer_groups}" if self.layer_groups else ""
-        se = f", se_ratio={self.se_ratio:.4g}" if self.se_ratio else ""
-        return (f"custom RepVGG(widths={list(self.widths)}, depths={list(self.depths)}{groups}{se}"
-                f"{', ' + extra if extra else ''})")
-
-
-def infer_repvgg_spec(sd: Mapping[str, Tensor]) -> RepVGGSpec:
-    """The RepVGG architecture of a standalone state dict in our layout (training or deploy form).
-
-    Widths, depths, groups per layer, SE width, branch switches and classes come from shapes; strides are 2 except
-    where a stage's first block has an identity branch (training form). Dilation cannot be read from weights.
-
-    Raises:
-        LayoutError: the blocks do not form a RepVGG (missing stem, gaps, inconsistent widths, ...).
-    """
-    from .models.repvgg import REPVGG_CONFIGS, groupwise_layers, repvgg_widths
-
-    layout = LAYOUTS["ours"]
-    blocks = {}
-    for b in find_blocks(sd, layout):
-        pos = layout.parse_position(b.prefix)
-        if pos is None or pos[0] != "":
-            raise LayoutError(f"block {b.prefix!r} is not at a stem/stage position of a RepVGG")
-        blocks[pos[1:]] = b
-    if (0, 0) not in blocks:
-        raise LayoutError("no stem block: not a RepVGG classifier or backbone")
-    depths = [sum(1 for (s, _) in blocks if s == stage) for stage in range(5)]
-    contiguous = all((s, j) in blocks for s in range(5) for j in range(depths[s]))
-    if not contiguous or sum(depths) != len(blocks) or 0 in depths or depths[0] != 1:
-        raise LayoutError(f"blocks per stage {depths} do not form the 5 contiguous stages of a RepVGG")
-    widths, layer_groups, strides, ses = [], {}, [2] * 5, []
-    has_1x1, missing_identity, in_ch, layer = set(), False, None, 0
-    for stage in range(5):
-        for j in range(depths[stage]):
-            b = blocks[(stage, j)]
-            w = sd[b.keys["reparam.weight" if b.deployed else "branch_3x3.conv.weight"]]
-            if w.dim() != 4:
-                raise LayoutError(f"{b.prefix}: conv weight of shape {tuple(w.shape)} is not 4-D")
-            out_ch = w.shape[0]
-            if in_ch is None:
-                in_ch = w.shape[1]
-                in_chans = in_ch
-            if in_ch % w.shape[1]:
-                raise LayoutError(f"{b.prefix}: {w.shape[1]} input channels per group do not divide {in_ch}")
-            if in_ch // w.shape[1] != 1:
-                layer_groups[layer] = in_ch // w.shape[1]
-            if not b.deployed:
-                has_1x1.add(b.has("branch_1x1"))
-                if b.has("branch_identity") and j == 0:
-                    strides[stage] = 1
-                if in_ch == out_ch and not b.has("branch_identity") and (j > 0 or strides[stage] == 1):
-                    missing_identity = True
-            if "se.down.weight" in b.keys:
-                ses.append((out_ch, sd[b.keys["se.down.weight"]].shape[0]))
-            if j == depths[stage] - 1:
-                widths.append(out_ch)
-            elif out_ch != sd[blocks[(stage, j + 1)].keys[
-                    "reparam.weight" if blocks[(stage, j + 1)].deployed else "branch_3x3.conv.weight"]].shape[0]:
-                raise LayoutError(f"stage {stage} changes width inside the stage")
-            in_ch, layer = out_ch, layer + 1
-    if len(has_1x1) > 1:
-        raise LayoutError("some blocks have a 1x1 branch and some do not")
-    if ses and len(ses) != len(blocks):
-        raise LayoutError("some blocks have squeeze-excitation and some do not")
-    se_ratio = _se_ratio(ses)
-    head = sd.get("head.fc.weight")
-    num_classes = int(head.shape[0]) if head is not None else 0
-    if head is not None and (head.dim() != 2 or head.shape[1] != widths[-1]):
-        raise LayoutError(f"head.fc.weight of shape {tuple(head.shape)} does not take {widths[-1]} features")
-    spec = RepVGGSpec(tuple(widths), tuple(depths), layer_groups, se_ratio, num_classes, in_chans, tuple(strides),
-                      has_1x1 != {False}, not missing_identity)
-    for name, cfg in REPVGG_CONFIGS.items():
-        if (tuple(repvgg_widths(cfg.a, cfg.b)) == spec.widths and tuple(cfg.depths) == spec.depths
-                and groupwise_layers(cfg.groups, cfg.depths) == layer_groups
-                and all(max(1, int(c * cfg.se_ratio)) == r for c, r in ses) and bool(cfg.se_ratio) == bool(ses)):
-            spec.name, spec.se_ratio = name, cfg.se_ratio
-            break
-    return spec
-
-
-def _se_ratio(ses: list[tuple[int, int]]) -> float:
-    """A ratio ``r`` with ``max(1, int(C * r)) == reduced`` for every block (what :class:`SEBlock` computes)."""
-    if not ses:
-        return 0.0
-    c0, r0 = ses[0]
-    for ratio in (r0 / c0, (r0 + 1e-6) / c0, (r0 + 0.5) / c0):
-        if all(max(1, int(c * ratio)) == r for c, r in ses):
-            return ratio
-    raise LayoutError(f"squeeze-excitation widths {ses[:4]} follow no single reduction ratio")
-
-
-def infer_vgg_name(sd: Mapping[str, Tensor]) -> tuple[str | None, int]:
-    """``(zoo name, num_classes)`` of a standalone torchvision-layout VGG state dict (training or deploy form);
-    the name is ``None`` when no zoo VGG has exactly these keys and shapes."""
-    from .models import create_model, list_models
-
-    head = sd.get("classifier.6.weight")
-    num_classes = int(head.shape[0]) if head is not None else 1000
-    has_bn = any(k.endswith("running_var") for k in sd)
-    for name in list_models("vgg*"):
-        if name.endswith("_bn") != has_bn:
-            continue
-        with torch.device("meta"):
-            model = create_model(name, num_classes=num_classes)
-        if state_dict_mismatch(model, sd) is None:
-            return name, num_classes
-    return None, num_classes
-
-
-def state_dict_mismatch(model: nn.Module, sd: Mapping[str, Tensor], limit: int = 3) -> str | None:
-    """``None`` when ``sd`` has exactly ``model``'s keys and shapes (``num_batches_tracked`` optional), else a
-    one-line description of the first differences."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = []
-    for k, shape in expected.items():
-        if k not in sd:
-            if not k.endswith("num_batches_tracked"):
-                problems.append(f"missing {k}")
-        elif tuple(sd[k].shape) != shape:
-            problems.append(f"{k} has shape {tuple(sd[k].shape)}, expected {shape}")
-    problems += [f"unexpected {k}" for k in sd if k not in expected]
-    if not problems:
-        return None
-    more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
-    return "; ".join(problems[:limit]) + more

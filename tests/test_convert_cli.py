@@ -148,7 +148,7 @@ def test_whole_detector_checkpoint(tmp_path):
     sd = train.state_dict()
     torch.save({"model": sd, "iteration": 9000}, tmp_path / "det.pth")
     proc = ok(run_cli(tmp_path / "det.pth", tmp_path / "det_deploy.pth"))
-    assert "verify:      blocks:" in proc.stdout
+    assert "verify:      blocks, float64:" in proc.stdout
     out = load(tmp_path / "det_deploy.pth")
     assert out["iteration"] == 9000
     out = out["model"]
@@ -193,8 +193,10 @@ def _corrupt(sd: dict, key: str, value: float) -> dict:
 BAD = {
     "missing": "no such file", "directory": "is a directory", "empty": "empty", "text": "not a checkpoint",
     "truncated": "truncated", "runs_code": "refused", "resnet": "no RepVGG blocks", "wrong_arch": "do not fit",
-    "unknown_arch": "unknown arch", "nan": "NaN", "negative_var": "negative", "same_file": "OUTPUT is the INPUT",
+    "unknown_arch": "unknown arch", "nan": "NaN", "negative_var": "negative", "same_file": "is the input file",
     "exists": "already exists", "no_dir": "does not exist", "file_as_dir": "does not exist",
+    "json_is_input": "is the input file", "forced_layout": "matches nothing", "deployed": "nothing to fuse",
+    "bad_eps": "eps",
 }
 
 
@@ -221,6 +223,14 @@ def test_bad_input_one_line_error_nothing_written(tmp_path, case):
         torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), src)
     elif case == "wrong_arch":
         args = ["--arch", "repvgg_a1"]
+    elif case == "json_is_input":
+        args = ["--json", src, "--force"]
+    elif case == "forced_layout":
+        args = ["--layout", "torchvision"]
+    elif case == "deployed":
+        torch.save(tiny(deploy=True).state_dict(), src)
+    elif case == "bad_eps":
+        args = ["--bn-eps", "0"]
     elif case == "unknown_arch":
         args = ["--arch", "repvgg_x5"]
     elif case == "nan":
@@ -255,14 +265,16 @@ def test_usage_error_exit_code():
 
 
 def test_verification_failure_exits_1_and_writes_nothing(tmp_path):
+    """A float16 checkpoint converts within float16's tolerance, and fails an explicit float32 one."""
     train = tiny()
     src, dst = tmp_path / "half.pth", tmp_path / "out.pth"
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in train.state_dict().items()}, src)
-    proc = run_cli(src, dst, "--json", tmp_path / "r.json")
+    proc = run_cli(src, dst, "--json", tmp_path / "r.json", "--rtol", "1e-5")
     assert proc.returncode == 1 and not dst.exists()
     assert proc.stderr.strip().splitlines()[-1].startswith("error: verification failed")
     assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
-    ok(run_cli(src, dst, "--rtol", "1e-2", "-q"))
+    proc = ok(run_cli(src, dst))
+    assert "(tolerance 1e-02, float16 weights) ok" in proc.stdout
     assert load(dst)["stem.reparam.weight"].dtype == torch.float16
 
 

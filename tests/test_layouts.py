@@ -9,15 +9,9 @@ from convert_helpers import DEPTHS, OURS, Detector, assert_deploy_equivalent, ti
 from torch import nn
 
 from repvgg_tools import create_model, randomize_batchnorm, reparameterize, verify_equivalence
+from repvgg_tools.arch import infer_repvgg_spec, state_dict_mismatch
 from repvgg_tools.convert import ConversionError, VerificationError, convert_state_dict, load_model
-from repvgg_tools.layouts import (
-    LAYOUTS,
-    detect_layout,
-    find_blocks,
-    infer_repvgg_spec,
-    rename_layout,
-    state_dict_mismatch,
-)
+from repvgg_tools.layouts import LAYOUTS, detect_layout, find_blocks, rename_layout
 from repvgg_tools.models import REPVGG_CONFIGS
 
 # Key names as written in each project's source: DingXiaoH/RepVGG repvgg.py (rbr_dense/rbr_1x1/rbr_identity, stage0,
@@ -226,13 +220,16 @@ def test_bad_weights_raise_conversion_errors(case, match):
     assert "\n" not in str(info.value)
 
 
-def test_half_precision_fails_the_fp32_tolerance_but_not_a_looser_one():
-    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in tiny().state_dict().items()}
-    with pytest.raises(VerificationError) as info:
-        convert_state_dict(sd)
-    assert info.value.report.max_rel > 1e-5
-    deploy, report = convert_state_dict(sd, rtol=1e-2)
-    assert report.passed and deploy["stem.reparam.weight"].dtype == torch.float16
+@pytest.mark.parametrize("dtype, rtol", [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
+def test_half_precision_gets_the_tolerance_of_its_dtype(dtype, rtol):
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tiny().state_dict().items()}
+    deploy, report = convert_state_dict(sd)
+    assert report.passed and report.rtol == rtol and report.rtol_source == f"{str(dtype)[6:]} weights"
+    assert deploy["stem.reparam.weight"].dtype == dtype
+    assert 1e-5 < report.max_rel < rtol  # the rounding of the written weights, measured, is what the tolerance allows
+    with pytest.raises(VerificationError) as info:  # an explicit fp32 tolerance is honoured
+        convert_state_dict(sd, rtol=1e-5)
+    assert info.value.report.rtol_source == "given"
 
 
 @pytest.mark.parametrize("layout", ["ours", "official", "mmpretrain"])

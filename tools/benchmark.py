@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
+from repvgg_tools.cli.common import Parser, error  # noqa: E402  (needs the path above)
 from repvgg_tools.timing import time_callable  # noqa: E402
 
 TIMM_NAMES = {"repvgg_a0": "repvgg_a0", "repvgg_a1": "repvgg_a1", "repvgg_a2": "repvgg_a2", "repvgg_b0": "repvgg_b0",
@@ -391,7 +392,7 @@ def machine_info() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
+    p = Parser(description=__doc__.split("\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["repvgg_a0", "repvgg_b0", "vgg16"])
     p.add_argument("--batch", type=int, default=8)
@@ -412,11 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.models if n not in list_models()]
     if unknown or args.batch < 1 or args.size < 32 or args.iters < 1 or args.warmup < 0:
         msg = f"unknown model(s) {', '.join(unknown)}" if unknown else "--batch, --iters >= 1, --size >= 32"
-        print(f"error: {msg}", file=sys.stderr)
+        error(msg)
         return 2
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        print(f"error: {out} exists and is not a directory", file=sys.stderr)
+        error(f"{out} exists and is not a directory")
         return 2
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:

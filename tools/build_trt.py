@@ -22,17 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-EXIT_BUILD, EXIT_USAGE = 1, 2
+from repvgg_tools.checkpoint import CheckpointError, check_output_path  # noqa: E402  (needs the path above)
+from repvgg_tools.cli.common import EXIT_USAGE, Parser, error  # noqa: E402
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
+EXIT_BUILD = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="build_trt.py", description="Build a TensorRT / TensorRT-RTX engine from an ONNX model.")
+    p = Parser(prog="build_trt.py", description="Build a TensorRT / TensorRT-RTX engine from an ONNX model.")
     p.add_argument("--onnx", required=True, help="ONNX model (from repvgg-export)")
     p.add_argument("--engine", required=True, help="engine file to write (plus ENGINE.json)")
     p.add_argument("--min-batch", type=int, help="smallest batch of the profile (default 1)")
@@ -56,13 +53,11 @@ def _path_error(args: argparse.Namespace, engine: Path, sidecar: Path) -> str | 
     onnx_path = Path(args.onnx)
     if not onnx_path.is_file():
         return f"{onnx_path}: no such file"
-    if engine.resolve() == onnx_path.resolve():
-        return "--engine is the same file as --onnx"
-    for path in (engine, sidecar):
-        if path.exists() and not args.force:
-            return f"{path}: already exists (use --force to overwrite)"
-    if not engine.parent.is_dir():
-        return f"{engine}: directory {engine.parent} does not exist"
+    try:
+        for path in (engine, sidecar):
+            check_output_path(path, args.force, (onnx_path,))
+    except CheckpointError as exc:
+        return str(exc)
     if args.workspace_mb is not None and args.workspace_mb < 1:
         return "--workspace-mb must be at least 1"
     return None
@@ -74,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     sidecar = engine.with_name(engine.name + ".json")
     problem = _path_error(args, engine, sidecar)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        error(problem)
         return EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
-    from repvgg_tools.checkpoint import CheckpointError, atomic_write
+    from repvgg_tools.checkpoint import atomic_write
     from repvgg_tools.export.tensorrt import BackendUnavailable, BuildFailed, BuildRefused, build_engine
 
     try:
@@ -95,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         if cache_path is not None and cache_out:
             atomic_write(cache_path, lambda tmp: Path(tmp).write_bytes(cache_out), force=True)
     except (BackendUnavailable, BuildRefused, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        error(exc)
         return EXIT_USAGE
     except BuildFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        error(exc)
         return EXIT_BUILD
     profile = next(iter(info["profiles"][0].values()), None)
     batches = f"batch {profile['min'][0]}/{profile['opt'][0]}/{profile['max'][0]}" if profile else "no inputs"

@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
+from repvgg_tools.cli.common import Parser, error  # noqa: E402  (needs the path above)
 from repvgg_tools.timing import time_callable  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "digits_quickstart.yaml"
@@ -119,7 +120,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
+    p = Parser(description=__doc__.split("\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="output directory (default demo_out/, replaced on each run)")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     worst = min(r["accuracy"] for r in rows)
     if len(accs) != 1 or worst < MIN_ACCURACY:
         got = ", ".join(f"{r['accuracy']:.2f}%" for r in rows)
-        print(f"error: expected the same accuracy >= {MIN_ACCURACY}% for every form, got {got}", file=sys.stderr)
+        error(f"expected the same accuracy >= {MIN_ACCURACY}% for every form, got {got}")
         return 1
     print(f"ok: all three forms reach {worst:.2f}% on the held-out split")
     return 0

@@ -26,6 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from repvgg_tools.cli.common import Parser, error  # noqa: E402  (needs the path above)
+
 CONVERT_MODULE = "repvgg_tools.cli.convert"
 TINY_WIDTHS, TINY_DEPTHS = (16, 16, 32, 64, 128), (1, 2, 2, 4, 1)
 
@@ -117,7 +119,7 @@ def export_features(body, path: Path, size: int, force: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = Parser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--arch", default="repvgg_a0", help="registered RepVGG/VGG name (default repvgg_a0)")
     parser.add_argument("--tiny", action="store_true", help=f"a small custom RepVGG {TINY_WIDTHS} instead of --arch")
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             "reparameterize": in_memory, "repvgg_convert": via_cli, "onnx": onnx_report, "out_dir": str(out_dir),
         }
     except (ValueError, CheckpointError, RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        error(exc)
         return 2
 
     p, lat, blat = report["params"], report["latency_ms"], report["backbone_latency_ms"]
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)), force=args.force)
         except CheckpointError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            error(exc)
             return 2
     same = report["reparameterize"]["same"] and (via_cli is None or via_cli["same"])
     return 0 if same else 1

@@ -20,9 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from repvgg_tools.cli.common import Parser, error  # noqa: E402  (needs the path above)
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = Parser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe keys, e.g. epochs=2")
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         result = train(recipe)
     except (RecipeError, CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        error(exc)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -12,13 +12,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-EXIT_OK, EXIT_VERIFY, EXIT_INPUT = 0, 1, 2
+from .common import EXIT_OK, EXIT_USAGE, EXIT_VERIFY, Parser, error, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ..layouts import LAYOUT_NAMES
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="repvgg-convert",
         description="Convert a training-form RepVGG / VGG-BN checkpoint (ours, official RepVGG, timm, MMPretrain or "
                     "torchvision layout) to its deploy form: every block fused into one 3x3 conv, verified on random "
@@ -33,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-layout", choices=LAYOUT_NAMES, help="output layout (default: the input's)")
     p.add_argument("--ema", action="store_true", help="convert the EMA weights (model_ema/state_dict_ema/ema)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the equivalence check (faster)")
-    p.add_argument("--rtol", type=float, default=1e-5, help="verification tolerance, max|a-b|/max|b| (default 1e-5)")
+    p.add_argument("--rtol", type=float, help="verification tolerance, max|a-b|/max|b| (default: by the weights' "
+                   "dtype: 1e-5 for float32, 1e-2 float16, 5e-2 bfloat16, 1e-12 float64)")
+    p.add_argument("--bn-eps", type=float, metavar="EPS", help="BatchNorm epsilon the model was trained with "
+                   "(default: the checkpoint's bn_eps entry, else 1e-5, PyTorch's default)")
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT (and the --json file) if present")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE ('-' for stdout)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only errors")
@@ -51,45 +54,39 @@ def _write_json(path: str, data: dict, force: bool) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text), force=force)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
-    from ..checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError, check_output_path
     from ..convert import ConversionError, VerificationError, convert_file
 
     try:
-        if args.json not in (None, "-") and Path(args.json).exists() and not args.force:
-            raise CheckpointError(f"{args.json}: already exists (use --force to overwrite)")
+        if args.json not in (None, "-"):
+            check_output_path(args.json, args.force, (args.input, args.output))
         report = convert_file(
             args.input, args.output, arch=args.arch, layout=args.layout, out_layout=args.out_layout, ema=args.ema,
-            verify=args.verify, force=args.force, progress=not args.quiet, rtol=args.rtol,
+            verify=args.verify, force=args.force, progress=not args.quiet, rtol=args.rtol, bn_eps=args.bn_eps,
         )
     except VerificationError as exc:
         report = exc.report
         if not args.quiet:
             print("\n".join(report.summary_lines()))
-        print(f"error: {_one_line(exc)}; nothing written", file=sys.stderr)
+        error(f"{one_line(exc)}; nothing written")
         if args.json:
             _write_json(args.json, {**report.as_dict(), "exit_code": EXIT_VERIFY}, force=args.force)
         return EXIT_VERIFY
     except (CheckpointError, ConversionError, ValueError, OSError) as exc:
         if args.traceback:
             raise
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_INPUT
+        error(exc)
+        return EXIT_USAGE
     except Exception as exc:  # a bug, not the user's fault: still one line, with a way to see more
         if args.traceback:
             raise
-        print(f"error: internal error ({type(exc).__name__}: {_one_line(exc)}); rerun with --traceback",
-              file=sys.stderr)
-        return EXIT_INPUT
+        error(f"internal error ({type(exc).__name__}: {one_line(exc)}); rerun with --traceback")
+        return EXIT_USAGE
     if not args.quiet:
         print("\n".join(report.summary_lines()))
         print(f"wrote {args.output}")
@@ -97,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             _write_json(args.json, {**report.as_dict(), "exit_code": EXIT_OK}, force=args.force)
         except (CheckpointError, OSError) as exc:
-            print(f"error: {_one_line(exc)}", file=sys.stderr)
-            return EXIT_INPUT
+            error(exc)
+            return EXIT_USAGE
     return EXIT_OK
 
 

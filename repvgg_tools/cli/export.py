@@ -17,23 +17,17 @@ from torch import nn
 
 __all__ = ["main", "build_parser", "load_deploy_model", "features_model", "export_checkpoint"]
 
-log = logging.getLogger("repvgg_tools.cli.export")
+from .common import EXIT_USAGE, EXIT_VERIFY, Parser, error
 
-EXIT_VERIFY, EXIT_USAGE = 1, 2
+log = logging.getLogger("repvgg_tools.cli.export")
 
 
 class UsageError(ValueError):
     """Bad arguments or input (exit code 2)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="repvgg-export", description="Export a RepVGG/VGG checkpoint (training or deploy form, any "
+    p = Parser(prog="repvgg-export", description="Export a RepVGG/VGG checkpoint (training or deploy form, any "
                 "layout) to a plain, verified ONNX model at fp32, fp16 or int8 (Q/DQ).")
     p.add_argument("checkpoint", help="training or deploy checkpoint (.pth/.pt/.ckpt/.safetensors)")
     p.add_argument("output", help="ONNX file to write")
@@ -41,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=("ours", "official", "timm", "mmpretrain", "torchvision"),
                    help="checkpoint key layout (default: detected)")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of a training checkpoint")
+    p.add_argument("--output-stride", type=int, choices=(8, 16, 32), help="output stride the model was built with "
+                   "(default: the checkpoint's model_kwargs; needed when a stage runs at stride 1 and no metadata "
+                   "says so)")
+    p.add_argument("--bn-eps", type=float, metavar="EPS", help="BatchNorm epsilon the model was trained with "
+                   "(default: the checkpoint's bn_eps entry, else 1e-5)")
     p.add_argument("--input-size", type=int, default=224, metavar="N", help="input side (default 224)")
     p.add_argument("--batch", type=int, default=1, help="batch of the example input (fixed batch with "
                    "--no-dynamic-batch; default 1)")
@@ -72,13 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_deploy_model(path: str, arch: str | None = None, layout: str | None = None,
-                      ema: bool = False) -> tuple[nn.Module, dict]:
+def load_deploy_model(path: str, arch: str | None = None, layout: str | None = None, ema: bool = False, *,
+                      model_kwargs: dict | None = None, bn_eps: float | None = None) -> tuple[nn.Module, dict]:
     """``(deploy-form model in eval mode, info)`` from a checkpoint of any layout (:func:`repvgg_tools.convert.
-    load_model`: ours, official RepVGG, timm, MMPretrain, torchvision VGG; training or deploy form)."""
+    load_model`: ours, official RepVGG, timm, MMPretrain, torchvision VGG; training or deploy form).
+
+    A training checkpoint is converted with verification: the deploy weights are checked in float64 against the
+    training form built from the checkpoint's own tensors (``info["conversion"]`` has the figures), so the ONNX
+    model, checked against this deploy model, is checked against the input checkpoint.
+
+    Raises:
+        VerificationError: the fused weights do not reproduce the training form.
+    """
     from ..convert import load_model
 
-    model, info = load_model(path, arch=arch, layout=layout, ema=ema)
+    model, info = load_model(path, arch=arch, layout=layout, ema=ema, model_kwargs=model_kwargs, bn_eps=bn_eps,
+                             verify=True)
     return model.eval(), dict(info)
 
 
@@ -156,20 +164,16 @@ def export_checkpoint(args: argparse.Namespace) -> tuple[dict, bool]:
     Raises:
         UsageError, CheckpointError, ExportError, PrecisionError: input or usage problems (exit 2).
     """
-    from ..checkpoint import CheckpointError, atomic_write
+    from ..checkpoint import CheckpointError, atomic_write, check_output_path
     from ..export.onnx import export_onnx, model_io, onnx_session, op_counts, save_onnx, torch_outputs, verify_onnx
     from ..export.precision import calibration_images, digits_images, quantize_int8, to_fp16
 
     out = Path(args.output)
     if not Path(args.checkpoint).exists():
         raise CheckpointError(f"{args.checkpoint}: no such file")
-    if Path(args.checkpoint).resolve() == out.resolve():
-        raise UsageError("OUTPUT is the same file as CHECKPOINT")
-    for path in (out, Path(args.json) if args.json else None):
-        if path is not None and path.exists() and not args.force:
-            raise CheckpointError(f"{path}: already exists (use --force to overwrite)")
-        if path is not None and not path.parent.is_dir() and str(path.parent):
-            raise CheckpointError(f"{path}: directory {path.parent} does not exist")
+    check_output_path(out, args.force, (args.checkpoint,))
+    if args.json:
+        check_output_path(args.json, args.force, (args.checkpoint, args.output))
     if args.input_size < 8 or args.batch < 1 or args.calib_samples < 1:
         raise UsageError("--input-size must be >= 8, --batch and --calib-samples >= 1")
     if args.out_indices and not args.features:
@@ -185,7 +189,9 @@ def export_checkpoint(args: argparse.Namespace) -> tuple[dict, bool]:
     torch.manual_seed(0)
     timings = {}
     start = time.perf_counter()
-    model, info = load_deploy_model(args.checkpoint, args.arch, args.layout, args.ema)
+    kwargs = {"output_stride": args.output_stride} if args.output_stride else None
+    model, info = load_deploy_model(args.checkpoint, args.arch, args.layout, args.ema, model_kwargs=kwargs,
+                                    bn_eps=args.bn_eps)
     arch = args.arch or info.get("arch")
     if args.features:
         model = features_model(model, arch, args.out_indices)
@@ -197,7 +203,8 @@ def export_checkpoint(args: argparse.Namespace) -> tuple[dict, bool]:
     timings["export"] = time.perf_counter() - t
     report = {"checkpoint": str(args.checkpoint), "output": str(out), "arch": arch, "precision": args.precision,
               "opset": args.opset, "input_size": args.input_size, "in_chans": in_chans,
-              "dynamic_batch": args.dynamic_batch, "features": args.features, "simplified": args.simplify}
+              "dynamic_batch": args.dynamic_batch, "features": args.features, "simplified": args.simplify,
+              "conversion": info.get("conversion")}
     t = time.perf_counter()
     calib_source = args.calib_dir or args.calib
     if args.precision == "fp16":
@@ -298,6 +305,10 @@ def _print_report(report: dict) -> None:
           f"input {report['in_chans']}x{report['input_size']}x{report['input_size']}, "
           f"{'dynamic' if report['dynamic_batch'] else 'fixed'} batch)")
     print(f"graph: {report['nodes']} nodes: {ops}")
+    conv = report.get("conversion")
+    if conv:
+        print(f"conversion (deploy vs training form, float64): max rel err {conv['max_rel']:.3e} "
+              f"(tolerance {conv['rtol']:.0e})")
     if "calibration" in report:
         c = report["calibration"]
         print(f"calibration: {c['samples']} images from {c['source']} ({c['method']})")
@@ -325,19 +336,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(levelname)s: %(message)s")
     from ..checkpoint import CheckpointError
+    from ..convert import VerificationError
     from ..export.onnx import ExportError
     from ..export.precision import PrecisionError
 
     try:
         report, passed = export_checkpoint(args)
-    except (UsageError, CheckpointError, ExportError, PrecisionError, ValueError) as exc:
-        print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
-              file=sys.stderr)
+    except VerificationError as exc:
+        error(f"the checkpoint's conversion failed verification ({exc}); nothing written")
+        return EXIT_VERIFY
+    except (UsageError, CheckpointError, ExportError, PrecisionError, ValueError, OSError) as exc:
+        error(exc)
         return EXIT_USAGE
     if not args.quiet:
         _print_report(report)
     if not passed:
-        print(f"error: verification failed ({report['verification']['summary']}); nothing written", file=sys.stderr)
+        error(f"verification failed ({report['verification']['summary']}); nothing written")
         return EXIT_VERIFY
     return 0
 

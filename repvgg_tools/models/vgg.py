@@ -13,7 +13,10 @@ from torch import Tensor, nn
 
 from .registry import register_model
 
-__all__ = ["VGG", "VGG_CONFIGS", "VGG_VARIANTS", "make_vgg_features"]
+__all__ = [
+    "VGG", "VGG_CONFIGS", "VGG_VARIANTS", "make_vgg_features", "vgg11", "vgg11_bn", "vgg11_lrn", "vgg13",
+    "vgg13_bn", "vgg16_c", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+]
 
 # int: 3x3 conv with that many outputs; (c, 1): 1x1 conv; "M": 2x2 max pool stride 2; "LRN": local response norm
 Layer = int | tuple[int, int] | str
@@ -88,22 +91,72 @@ class VGG(nn.Module):
         return self.classifier(x.flatten(1))
 
 
+# model name (without _bn) -> its configuration in VGG_CONFIGS
 VGG_VARIANTS = {
     "vgg11": "A", "vgg11_lrn": "A-LRN", "vgg13": "B", "vgg16_c": "C", "vgg16": "D", "vgg19": "E",
 }
 
 
-def _register(name: str, cfg_name: str, batch_norm: bool) -> None:
-    def builder(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> VGG:
-        # the deploy form of a _bn model is the plain model with BN folded into conv biases
-        return VGG(VGG_CONFIGS[cfg_name], batch_norm=batch_norm and not deploy, num_classes=num_classes, **kwargs)
-
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = f"VGG configuration {cfg_name}{' with BatchNorm' if batch_norm else ''}."
-    register_model(builder)
+def _vgg(cfg_name: str, batch_norm: bool, num_classes: int, deploy: bool, **kwargs) -> VGG:
+    # the deploy form of a _bn model is the plain model with BN folded into conv biases
+    return VGG(VGG_CONFIGS[cfg_name], batch_norm=batch_norm and not deploy, num_classes=num_classes, **kwargs)
 
 
-for _name, _cfg in VGG_VARIANTS.items():
-    _register(_name, _cfg, batch_norm=False)
-    if _cfg in ("A", "B", "D", "E"):
-        _register(f"{_name}_bn", _cfg, batch_norm=True)
+@register_model
+def vgg11(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> VGG:
+    """VGG configuration A (8 conv layers + 3 fully connected: 11 weight layers)."""
+    return _vgg("A", False, num_classes, deploy, **kwargs)
+
+
+@register_model
+def vgg11_bn(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> VGG:
+    """VGG configuration A with BatchNorm after every conv (``deploy=True``: folded, the plain vgg11 layout)."""
+    return _vgg("A", True, num_classes, deploy, **kwargs)
+
+
+@register_model
+def vgg11_lrn(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> VGG:
+    """VGG configuration A-LRN: A with local response normalisation after the first conv."""
+    return _vgg("A-LRN", False, num_classes, deploy, **kwargs)
+
+
+@register_model
+def vgg13(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> VGG:
+    """VGG configuration B (10 conv layers)."""
+    return _vgg("B", False, num_classes, deploy, **kwargs)
+
+
+@register_model
+def vgg13_bn(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> VGG:
+    """VGG configuration B with BatchNorm (``deploy=True``: folded, the plain vgg13 layout)."""
+    return _vgg("B", True, num_classes, deploy, **kwargs)
+
+
+@register_model
+def vgg16_c(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> VGG:
+    """VGG configuration C: 16 layers, three of them 1x1 convs."""
+    return _vgg("C", False, num_classes, deploy, **kwargs)
+
+
+@register_model
+def vgg16(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> VGG:
+    """VGG configuration D (13 conv layers), torchvision's vgg16."""
+    return _vgg("D", False, num_classes, deploy, **kwargs)
+
+
+@register_model
+def vgg16_bn(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> VGG:
+    """VGG configuration D with BatchNorm (``deploy=True``: folded, the plain vgg16 layout)."""
+    return _vgg("D", True, num_classes, deploy, **kwargs)
+
+
+@register_model
+def vgg19(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> VGG:
+    """VGG configuration E (16 conv layers), torchvision's vgg19."""
+    return _vgg("E", False, num_classes, deploy, **kwargs)
+
+
+@register_model
+def vgg19_bn(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> VGG:
+    """VGG configuration E with BatchNorm (``deploy=True``: folded, the plain vgg19 layout)."""
+    return _vgg("E", True, num_classes, deploy, **kwargs)
