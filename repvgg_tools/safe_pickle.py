@@ -224,8 +224,11 @@ def to_plain(obj: Any) -> Any:
 
     A pickled ``nn.Module`` becomes its state dict (an ``OrderedDict`` of tensors); a dict subclass its items; a
     list subclass its items; NumPy scalars and arrays numbers and lists; any other object its recorded state
-    (``__dict__``), else its constructor arguments, with its class name under ``"__class__"``.
+    (``__dict__``), else its constructor arguments, with its class name under ``"__class__"``; a class or function
+    stored as a value becomes ``{"__global__": its qualified name}``.
     """
+    if isinstance(obj, type) and issubclass(obj, Placeholder):  # a class or function stored as a value
+        return {"__global__": obj._ph_name}
     if isinstance(obj, Placeholder):
         if _is_module_state(obj._ph_state):
             out: OrderedDict[str, torch.Tensor] = OrderedDict()

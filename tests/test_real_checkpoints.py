@@ -127,7 +127,7 @@ def test_a_referenced_function_is_inert_but_a_call_is_refused(tmp_path):
     src = tmp_path / "ref.pth"
     torch.save({"state_dict": {"w": torch.ones(2)}, "cfg": {"act": torch.nn.functional.relu}}, src)
     contents = read_checkpoint(src)
-    assert contents.extras["cfg"]["act"]["__class__"] == "torch.nn.functional.relu"
+    assert contents.extras["cfg"]["act"] == {"__global__": "torch.nn.functional.relu"}
     assert "torch.nn.functional.relu" in contents.replaced
     called = tmp_path / "called.pth"
     torch.save({"state_dict": {"w": torch.ones(2)}, "x": RunsCode(torch.nn.functional.relu, torch.ones(1))}, called)
