@@ -241,9 +241,10 @@ def fuse_branches_bn(
 ) -> tuple[Tensor, Tensor]:
     """Equivalent single conv of ``BN_post(sum of branches)``: a BatchNorm after the branch sum (QARepVGG).
 
-    The branches are summed by :func:`fuse_branches` in float64 to ``(K, b)``, then the post-sum BatchNorm is folded
-    through the summed bias: ``K' = K * g / s`` and ``b' = beta + (b - mean) * g / s`` with ``s = sqrt(var + eps)``.
-    The result is rounded once. Differentiable.
+    With the post-sum BatchNorm as ``y -> t * y + (beta - mean * t)``, ``t = g / sqrt(var + eps)``, the sum
+    ``(K, b)`` of the branches becomes ``K' = K * t`` and ``b' = beta + (b - mean) * t``. ``t`` is folded into each
+    branch's own BatchNorm (or, for a branch without one, applied as its scale) before :func:`fuse_branches` sums
+    them, so the large kernels are read once and rounded once, as for a RepVGG block. Differentiable.
 
     Exact when the post-sum BatchNorm is in inference mode (running statistics) and nothing non-linear sits between
     the sum and it (an SE placed before the post-sum BN cannot be folded); the branches obey the conditions of
@@ -261,8 +262,32 @@ def fuse_branches_bn(
     Raises:
         ValueError: no branches, shapes that do not fit, or corrupt BatchNorm statistics.
     """
-    kernel, bias = fuse_branches(branches, torch.float64)
-    return fuse_conv_bn(kernel, bias, dtype=dtype or branches[0][0].dtype, **post_bn)
+    if not branches:
+        raise ValueError("fuse_branches_bn needs at least one branch")
+    if branches[0][0].shape[0] != post_bn["running_mean"].shape[0]:
+        raise ValueError(
+            f"the post-sum BatchNorm has {post_bn['running_mean'].shape[0]} channels but the branches have "
+            f"{branches[0][0].shape[0]} outputs"
+        )
+    scale, shift = fuse_bn(
+        post_bn["running_mean"], post_bn["running_var"], post_bn["eps"], post_bn.get("bn_weight"),
+        post_bn.get("bn_bias"),
+    )
+    scaled = [(kernel, conv_bias, _scaled_bn(bn, scale)) for kernel, conv_bias, bn in branches]
+    kernel, bias = fuse_branches(scaled, torch.float64)
+    dtype = dtype or branches[0][0].dtype
+    return kernel.to(dtype), (bias + shift).to(dtype)
+
+
+def _scaled_bn(bn: Mapping[str, Any] | None, scale: Tensor) -> dict[str, Any]:
+    """BatchNorm keyword arguments of ``scale * bn(y)``; for ``bn=None`` those of ``scale * y`` (mean 0, var 1)."""
+    if bn is None:
+        ones = torch.ones_like(scale)
+        return {"running_mean": torch.zeros_like(scale), "running_var": ones, "eps": 0.0, "bn_weight": scale,
+                "bn_bias": None}
+    gamma, beta = bn.get("bn_weight"), bn.get("bn_bias")
+    return {**bn, "bn_weight": scale if gamma is None else _f64(gamma) * scale,
+            "bn_bias": None if beta is None else _f64(beta) * scale}
 
 
 def fuse_qa_branches(

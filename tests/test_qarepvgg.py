@@ -13,7 +13,7 @@ from torch import nn
 import repvgg_tools.models as zoo
 from repvgg_tools import create_model, fold_conv_bn, list_models, randomize_batchnorm, reparameterize
 from repvgg_tools.blocks import ConvBN, QARepVGGBlock, RepVGGBlock, SEBlock, bn_tensors
-from repvgg_tools.fusion import fuse_qa_branches
+from repvgg_tools.fusion import fuse_branches, fuse_qa_branches
 from repvgg_tools.training.regularizers import custom_l2, param_groups
 from repvgg_tools.verify import compare_outputs, verify_equivalence
 
@@ -71,6 +71,18 @@ def test_fuse_qa_branches_refuses_identity_with_different_channels():
         fuse_qa_branches(torch.randn(6, 4, 3, 3), _bn(6, gen), None, None, _bn(5, gen))
 
 
+def test_branches_without_bn_are_summed_without_touching_the_weights():
+    """A branch with ``bn=None`` is a plain conv (bias optional); a float64 main kernel is copied, never added into."""
+    k3, k1 = torch.randn(4, 4, 3, 3, dtype=torch.float64), torch.randn(4, 4, 1, 1, dtype=torch.float64)
+    b3 = torch.randn(4, dtype=torch.float64)
+    before = k3.clone()
+    kernel, bias = fuse_branches([(k3, b3, None), (k1, None, None)])
+    assert torch.equal(k3, before)
+    expect = k3.clone()
+    expect[:, :, 1, 1] += k1[:, :, 0, 0]
+    assert torch.equal(kernel, expect) and torch.equal(bias, b3)
+
+
 # ------------------------------------------------------------------------------------------------ the block
 @st.composite
 def block_configs(draw):
@@ -96,7 +108,7 @@ def _make_block(cfg: dict, dtype: torch.dtype) -> QARepVGGBlock:
     return randomize_batchnorm(QARepVGGBlock(*args, **kw).to(dtype), seed=cfg["seed"]).eval()
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(cfg=block_configs(), double=st.booleans())
 def test_block_equivalence_structure_and_idempotence(cfg, double):
     dtype = torch.float64 if double else torch.float32
@@ -217,7 +229,7 @@ def test_qa_model_fp32_equivalence_and_architecture(name):
         assert torch.equal(built.eval()(x), out)
 
 
-@pytest.mark.parametrize("name", ["qarepvgg_a0", "qarepvgg_a1"])
+@pytest.mark.parametrize("name", ["qarepvgg_a0"])  # float64 on every block shape: the property test above
 def test_qa_model_fp64_equivalence(name):
     torch.manual_seed(0)
     model = randomize_batchnorm(create_model(name, num_classes=10).double(), seed=2).eval()
@@ -252,13 +264,13 @@ def test_features_only_qa_backbone():
     assert not any(p.requires_grad for p in model.stem.parameters())
     assert not any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))  # norm_eval
     model.eval()
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
         deploy = reparameterize(model)
         out = deploy(x)
     assert [f.shape[1] for f in out] == model.feature_info.channels()
-    assert [64 // f.shape[-1] for f in out] == model.feature_info.reduction() == [4, 8, 16, 16]
+    assert [32 // f.shape[-1] for f in out] == model.feature_info.reduction() == [4, 8, 16, 16]
     for o, r in zip(out, ref, strict=True):
         assert compare_outputs(o, r)[1] <= TOL[torch.float32]
 
