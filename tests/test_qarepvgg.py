@@ -257,6 +257,7 @@ def test_conv_bn_folding_alone_leaves_the_post_sum_bn(use_1x1):
 
 
 def test_features_only_qa_backbone():
+    """What downstream models build on (``detection.feature_backbone``): output stride 16 dilates the last stage."""
     model = create_model("qarepvgg_a0", features_only=True, out_indices=(1, 2, 3, 4), output_stride=16,
                          frozen_stages=1, norm_eval=True)
     model = randomize_batchnorm(model, seed=6).train()
