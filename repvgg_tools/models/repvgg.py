@@ -2,7 +2,8 @@
 
 Layout of the module tree (the "ours" checkpoint layout): ``stem`` (stage 0, one block), ``stages.{0..3}.{j}``
 (paper stages 1-4), ``head.fc``. Block keys: ``branch_3x3.{conv,bn}``, ``branch_1x1.{conv,bn}``,
-``branch_identity`` (a BatchNorm), ``se.{down,up}``; deployed: ``reparam``.
+``branch_identity`` (a BatchNorm), ``se.{down,up}``; deployed: ``reparam``. ``block=`` swaps the block class:
+QARepVGG (:mod:`repvgg_tools.models.qarepvgg`) is this network with :class:`~repvgg_tools.blocks.QARepVGGBlock`.
 
 ``features_only=True`` builds the same tree without ``head`` (and without stages past the last requested level):
 ``forward`` returns a list of feature maps, see :mod:`repvgg_tools.features`.
