@@ -1,4 +1,4 @@
-"""Building blocks: conv+BN, squeeze-excitation and the RepVGG block.
+"""Building blocks: conv+BN, squeeze-excitation, the RepVGG block and the QARepVGG block.
 
 Blocks only gather tensors; the arithmetic of re-parameterization lives in :mod:`repvgg_tools.fusion`.
 """
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from . import fusion
 
-__all__ = ["ConvBN", "SEBlock", "RepVGGBlock", "bn_tensors", "conv_bn_kernel_bias"]
+__all__ = ["ConvBN", "SEBlock", "RepVGGBlock", "QARepVGGBlock", "bn_tensors", "conv_bn_kernel_bias"]
 
 
 def bn_tensors(bn: nn.BatchNorm2d) -> dict:
@@ -134,13 +134,99 @@ class RepVGGBlock(nn.Module):
         if self.is_deployed:
             return
         kernel, bias = self.kernel_bias()
-        conv = self.branch_3x3.conv
-        # built from the fused tensors: on the meta device first, so no random initialization is computed and lost
-        reparam = nn.Conv2d(
-            self.in_ch, self.out_ch, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
-            bias=True, device="meta", dtype=kernel.dtype,
-        )
-        reparam.weight = nn.Parameter(kernel, requires_grad=conv.weight.requires_grad)
-        reparam.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
+        reparam = _conv_from(self.branch_3x3.conv, kernel, bias)
         del self.branch_3x3, self.branch_1x1, self.branch_identity
+        self.reparam = reparam
+
+
+def _conv_from(conv: nn.Conv2d, kernel: Tensor, bias: Tensor) -> nn.Conv2d:
+    """A Conv2d with ``conv``'s geometry holding the fused ``kernel`` and ``bias`` (the deploy conv of a block)."""
+    # built on the meta device first, so no random initialization is computed and lost
+    reparam = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+        bias=True, device="meta", dtype=kernel.dtype,
+    )
+    reparam.weight = nn.Parameter(kernel, requires_grad=conv.weight.requires_grad)
+    reparam.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
+    return reparam
+
+
+class QARepVGGBlock(nn.Module):
+    """QARepVGG (Chu et al., 2023, M1-M4): ``ReLU(SE(BN(BN_3(conv3x3(x)) + conv1x1(x) + x)))`` in training form,
+    ``ReLU(SE(conv3x3(x)))`` deployed.
+
+    Quantization-friendly RepVGG: the 1x1 branch has no BatchNorm and no bias, the identity branch no BatchNorm, and
+    one BatchNorm (``post_bn``) follows the sum; the reference implementation's default block (``QARepVGGBlockV2``).
+    The identity exists when ``in_ch == out_ch`` and ``stride == 1``. SE, when enabled, sits after ``post_bn`` so the
+    block still fuses exactly (the reference puts it before the post-sum BN, which no single conv can express).
+    Same interface, deploy attribute (``reparam``) and idempotent :meth:`reparameterize` as :class:`RepVGGBlock`.
+
+    Args:
+        in_ch, out_ch: channels.
+        stride, dilation, groups: of the 3x3 convolution; every branch shares them.
+        use_1x1, use_identity: keep the 1x1 and identity branches.
+        se_ratio: SE reduction (``out_ch * se_ratio`` hidden channels); 0 disables SE.
+        deploy: build the single-conv deploy form directly.
+    """
+
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: int = 1, groups: int = 1, dilation: int = 1, *,
+        use_1x1: bool = True, use_identity: bool = True, se_ratio: float = 0.0, deploy: bool = False,
+    ) -> None:
+        super().__init__()
+        if in_ch % groups or out_ch % groups:
+            raise ValueError(f"groups={groups} must divide in_ch={in_ch} and out_ch={out_ch}")
+        self.in_ch, self.out_ch, self.stride, self.groups, self.dilation = in_ch, out_ch, stride, groups, dilation
+        self.se = SEBlock(out_ch, max(1, int(out_ch * se_ratio))) if se_ratio > 0 else nn.Identity()
+        self.act = nn.ReLU()
+        if deploy:
+            self.reparam = nn.Conv2d(in_ch, out_ch, 3, stride, dilation, dilation, groups, bias=True)
+            return
+        self.branch_3x3 = ConvBN(in_ch, out_ch, 3, stride, dilation, dilation, groups)
+        # padding p - d*(k//2) = 0 keeps the 1x1 output aligned with the 3x3 centre tap for any stride/dilation
+        self.branch_1x1 = nn.Conv2d(in_ch, out_ch, 1, stride, 0, 1, groups, bias=False) if use_1x1 else None
+        has_identity = use_identity and in_ch == out_ch and stride == 1
+        self.branch_identity = nn.Identity() if has_identity else None
+        self.post_bn = nn.BatchNorm2d(out_ch)
+
+    @property
+    def is_deployed(self) -> bool:
+        return hasattr(self, "reparam")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.is_deployed:
+            return self.act(self.se(self.reparam(x)))
+        out = self.branch_3x3(x)
+        if self.branch_1x1 is not None:
+            out = out + self.branch_1x1(x)
+        if self.branch_identity is not None:
+            out = out + self.branch_identity(x)
+        return self.act(self.se(self.post_bn(out)))
+
+    def kernel_bias(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """Equivalent 3x3 ``(kernel, bias)`` of ``post_bn(branch sum)`` (:func:`fusion.fuse_qa_branches`);
+        differentiable (used by the training L2).
+
+        Args:
+            dtype: result dtype; defaults to the weights' dtype. Intermediates are float64 either way.
+        """
+        if self.is_deployed:
+            return self.reparam.weight, self.reparam.bias
+        weight = self.branch_3x3.conv.weight
+        return fusion.fuse_qa_branches(
+            weight, bn_tensors(self.branch_3x3.bn),
+            self.branch_1x1.weight if self.branch_1x1 is not None else None,
+            self.groups if self.branch_identity is not None else None,
+            bn_tensors(self.post_bn), dtype or weight.dtype,
+        )
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Replace the branches and the post-sum BN by one 3x3 conv with bias, in place. Calling it again does
+        nothing."""
+        if self.is_deployed:
+            return
+        kernel, bias = self.kernel_bias()
+        reparam = _conv_from(self.branch_3x3.conv, kernel, bias)
+        del self.branch_3x3, self.branch_1x1, self.branch_identity, self.post_bn
         self.reparam = reparam

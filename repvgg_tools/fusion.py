@@ -22,6 +22,8 @@ __all__ = [
     "identity_kernel",
     "merge_branches",
     "fuse_branches",
+    "fuse_branches_bn",
+    "fuse_qa_branches",
 ]
 
 
@@ -195,7 +197,8 @@ def fuse_branches(
     Args:
         branches: ``(kernel, conv_bias, bn)`` each, with ``kernel`` ``(C_out, C_in/groups, kh, kw)`` (odd sizes),
             ``conv_bias`` ``(C_out,)`` or ``None``, and ``bn`` the keyword arguments ``running_mean``,
-            ``running_var``, ``eps``, ``bn_weight``, ``bn_bias`` of :func:`fuse_conv_bn`.
+            ``running_var``, ``eps``, ``bn_weight``, ``bn_bias`` of :func:`fuse_conv_bn`, or ``None`` for a branch
+            without BatchNorm (a plain conv, e.g. QARepVGG's 1x1, or a bare identity).
         dtype: result dtype; defaults to the first kernel's.
 
     Returns:
@@ -204,7 +207,7 @@ def fuse_branches(
     if not branches:
         raise ValueError("fuse_branches needs at least one branch")
     size = (max(b[0].shape[-2] for b in branches), max(b[0].shape[-1] for b in branches))
-    fused = [fuse_conv_bn(kernel, conv_bias, dtype=torch.float64, **bn) for kernel, conv_bias, bn in branches]
+    fused = [_fold_branch(kernel, conv_bias, bn) for kernel, conv_bias, bn in branches]
     # accumulate into a full-size fused kernel: it is a fresh float64 tensor, owned here
     main = next((i for i, (k, _) in enumerate(fused) if tuple(k.shape[-2:]) == size), None)
     if main is None:
@@ -220,3 +223,113 @@ def fuse_branches(
         bias = bias + b
     dtype = dtype or branches[0][0].dtype
     return kernel.to(dtype), bias.to(dtype)
+
+
+def _fold_branch(kernel: Tensor, conv_bias: Tensor | None, bn: Mapping[str, Any] | None) -> tuple[Tensor, Tensor]:
+    """One branch as a fresh float64 ``(kernel, bias)`` (fresh: :func:`fuse_branches` adds into it in place)."""
+    if bn is not None:
+        return fuse_conv_bn(kernel, conv_bias, dtype=torch.float64, **bn)
+    fused = kernel.to(torch.float64, copy=True)
+    bias = fused.new_zeros(fused.shape[0]) if conv_bias is None else conv_bias.to(torch.float64, copy=True)
+    return fused, bias
+
+
+def fuse_branches_bn(
+    branches: Sequence[tuple[Tensor, Tensor | None, Mapping[str, Any] | None]],
+    post_bn: Mapping[str, Any],
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Equivalent single conv of ``BN_post(sum of branches)``: a BatchNorm after the branch sum (QARepVGG).
+
+    With the post-sum BatchNorm as ``y -> t * y + (beta - mean * t)``, ``t = g / sqrt(var + eps)``, the sum
+    ``(K, b)`` of the branches becomes ``K' = K * t`` and ``b' = beta + (b - mean) * t``. ``t`` is folded into each
+    branch's own BatchNorm (or, for a branch without one, applied as its scale) before :func:`fuse_branches` sums
+    them, so the large kernels are read once and rounded once, as for a RepVGG block. Differentiable.
+
+    Exact when the post-sum BatchNorm is in inference mode (running statistics) and nothing non-linear sits between
+    the sum and it (an SE placed before the post-sum BN cannot be folded); the branches obey the conditions of
+    :func:`fuse_branches` (shared stride, dilation and groups; smaller kernels padded ``p - d * (k // 2)``).
+
+    Args:
+        branches: as for :func:`fuse_branches` (``bn`` may be ``None`` for a branch without BatchNorm).
+        post_bn: the post-sum BatchNorm over ``C_out`` channels, keyword arguments ``running_mean``,
+            ``running_var``, ``eps``, ``bn_weight``, ``bn_bias`` of :func:`fuse_conv_bn`.
+        dtype: result dtype; defaults to the first kernel's.
+
+    Returns:
+        ``(kernel, bias)``: ``(C_out, C_in/groups, kh_max, kw_max)`` and ``(C_out,)``.
+
+    Raises:
+        ValueError: no branches, shapes that do not fit, or corrupt BatchNorm statistics.
+    """
+    if not branches:
+        raise ValueError("fuse_branches_bn needs at least one branch")
+    if branches[0][0].shape[0] != post_bn["running_mean"].shape[0]:
+        raise ValueError(
+            f"the post-sum BatchNorm has {post_bn['running_mean'].shape[0]} channels but the branches have "
+            f"{branches[0][0].shape[0]} outputs"
+        )
+    scale, shift = fuse_bn(
+        post_bn["running_mean"], post_bn["running_var"], post_bn["eps"], post_bn.get("bn_weight"),
+        post_bn.get("bn_bias"),
+    )
+    scaled = [(kernel, conv_bias, _scaled_bn(bn, scale)) for kernel, conv_bias, bn in branches]
+    kernel, bias = fuse_branches(scaled, torch.float64)
+    dtype = dtype or branches[0][0].dtype
+    return kernel.to(dtype), (bias + shift).to(dtype)
+
+
+def _scaled_bn(bn: Mapping[str, Any] | None, scale: Tensor) -> dict[str, Any]:
+    """BatchNorm keyword arguments of ``scale * bn(y)``; for ``bn=None`` those of ``scale * y`` (mean 0, var 1)."""
+    if bn is None:
+        ones = torch.ones_like(scale)
+        return {"running_mean": torch.zeros_like(scale), "running_var": ones, "eps": 0.0, "bn_weight": scale,
+                "bn_bias": None}
+    gamma, beta = bn.get("bn_weight"), bn.get("bn_bias")
+    return {**bn, "bn_weight": scale if gamma is None else _f64(gamma) * scale,
+            "bn_bias": None if beta is None else _f64(beta) * scale}
+
+
+def fuse_qa_branches(
+    kernel_3x3: Tensor,
+    bn_3x3: Mapping[str, Any],
+    kernel_1x1: Tensor | None,
+    identity_groups: int | None,
+    post_bn: Mapping[str, Any],
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Equivalent 3x3 conv of a QARepVGG block: ``BN_post(BN_3(conv3x3(x)) + conv1x1(x) + x)``.
+
+    ``K' = (W3 * g3 / s3 + pad(W1) + I) * g / s`` and ``b' = beta + (b3 - mean) * g / s``, where ``b3`` is the
+    folded 3x3 branch's bias and ``g, s, beta, mean`` belong to the post-sum BatchNorm (see
+    :func:`fuse_branches_bn` for the exactness conditions). Float64 inside, rounded once; differentiable.
+
+    Args:
+        kernel_3x3: ``(C_out, C_in/groups, 3, 3)`` weight of the 3x3 conv (no bias).
+        bn_3x3: its BatchNorm, keyword arguments of :func:`fuse_conv_bn` (``running_mean``, ``running_var``,
+            ``eps``, ``bn_weight``, ``bn_bias``).
+        kernel_1x1: ``(C_out, C_in/groups, 1, 1)`` weight of the 1x1 conv (no BatchNorm, no bias), or ``None``.
+        identity_groups: the block's groups when it has the identity branch (``C_in == C_out``, stride 1), else
+            ``None``.
+        post_bn: the BatchNorm after the sum, keyword arguments of :func:`fuse_conv_bn`.
+        dtype: result dtype; defaults to ``kernel_3x3``'s.
+
+    Returns:
+        ``(kernel, bias)``: ``(C_out, C_in/groups, 3, 3)`` and ``(C_out,)``.
+
+    Raises:
+        ValueError: an identity branch with ``C_in != C_out``, shapes that do not fit, or corrupt statistics.
+    """
+    branches: list[tuple[Tensor, Tensor | None, Mapping[str, Any] | None]] = [(kernel_3x3, None, bn_3x3)]
+    if kernel_1x1 is not None:
+        branches.append((kernel_1x1, None, None))
+    if identity_groups is not None:
+        channels = kernel_3x3.shape[0]
+        if kernel_3x3.shape[1] * identity_groups != channels:
+            raise ValueError(
+                f"an identity branch needs C_in == C_out; the 3x3 kernel {tuple(kernel_3x3.shape)} with "
+                f"groups={identity_groups} has C_in={kernel_3x3.shape[1] * identity_groups}, C_out={channels}"
+            )
+        # a 1x1 one-hot kernel lands on the centre tap (exactly 1 in float64)
+        branches.append((identity_kernel(channels, 1, identity_groups, torch.float64, kernel_3x3.device), None, None))
+    return fuse_branches_bn(branches, post_bn, dtype or kernel_3x3.dtype)

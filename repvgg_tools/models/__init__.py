@@ -1,11 +1,52 @@
-"""Model zoo: importing this package registers every architecture."""
+"""Model zoo: importing this package registers every architecture.
 
-from . import repvgg, vgg  # noqa: F401  (registration side effects)
+Every registered model is also an importable builder function (``from repvgg_tools.models import repvgg_a0``).
+"""
+
+from . import qarepvgg, repvgg, vgg  # noqa: F401  (registration side effects)
+from .qarepvgg import (
+    QAREPVGG_CONFIGS,
+    qarepvgg_a0,
+    qarepvgg_a1,
+    qarepvgg_a2,
+    qarepvgg_b0,
+    qarepvgg_b1,
+    qarepvgg_b1g2,
+    qarepvgg_b1g4,
+    qarepvgg_b2,
+    qarepvgg_b2g2,
+    qarepvgg_b2g4,
+    qarepvgg_b3,
+    qarepvgg_b3g2,
+    qarepvgg_b3g4,
+)
 from .registry import create_model, is_model, list_models, register_model
-from .repvgg import REPVGG_CONFIGS, RepVGG, RepVGGConfig
+from .repvgg import (
+    REPVGG_CONFIGS,
+    RepVGG,
+    RepVGGConfig,
+    repvgg_a0,
+    repvgg_a1,
+    repvgg_a2,
+    repvgg_b0,
+    repvgg_b1,
+    repvgg_b1g2,
+    repvgg_b1g4,
+    repvgg_b2,
+    repvgg_b2g2,
+    repvgg_b2g4,
+    repvgg_b3,
+    repvgg_b3g2,
+    repvgg_b3g4,
+    repvgg_d2se,
+)
 from .vgg import VGG, VGG_CONFIGS
 
 __all__ = [
     "create_model", "is_model", "list_models", "register_model",
-    "RepVGG", "RepVGGConfig", "REPVGG_CONFIGS", "VGG", "VGG_CONFIGS",
+    "RepVGG", "RepVGGConfig", "REPVGG_CONFIGS", "QAREPVGG_CONFIGS", "VGG", "VGG_CONFIGS",
+    "repvgg_a0", "repvgg_a1", "repvgg_a2", "repvgg_b0", "repvgg_b1", "repvgg_b1g2", "repvgg_b1g4", "repvgg_b2",
+    "repvgg_b2g2", "repvgg_b2g4", "repvgg_b3", "repvgg_b3g2", "repvgg_b3g4", "repvgg_d2se",
+    "qarepvgg_a0", "qarepvgg_a1", "qarepvgg_a2", "qarepvgg_b0", "qarepvgg_b1", "qarepvgg_b1g2", "qarepvgg_b1g4",
+    "qarepvgg_b2", "qarepvgg_b2g2", "qarepvgg_b2g4", "qarepvgg_b3", "qarepvgg_b3g2", "qarepvgg_b3g4",
 ]

@@ -2,7 +2,8 @@
 
 Layout of the module tree (the "ours" checkpoint layout): ``stem`` (stage 0, one block), ``stages.{0..3}.{j}``
 (paper stages 1-4), ``head.fc``. Block keys: ``branch_3x3.{conv,bn}``, ``branch_1x1.{conv,bn}``,
-``branch_identity`` (a BatchNorm), ``se.{down,up}``; deployed: ``reparam``.
+``branch_identity`` (a BatchNorm), ``se.{down,up}``; deployed: ``reparam``. ``block=`` swaps the block class:
+QARepVGG (:mod:`repvgg_tools.models.qarepvgg`) is this network with :class:`~repvgg_tools.blocks.QARepVGGBlock`.
 
 ``features_only=True`` builds the same tree without ``head`` (and without stages past the last requested level):
 ``forward`` returns a list of feature maps, see :mod:`repvgg_tools.features`.
@@ -10,7 +11,7 @@ Layout of the module tree (the "ours" checkpoint layout): ``stem`` (stage 0, one
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -19,7 +20,11 @@ from .. import features as feat
 from ..blocks import RepVGGBlock
 from .registry import register_model
 
-__all__ = ["RepVGG", "RepVGGConfig", "REPVGG_CONFIGS", "repvgg_widths", "groupwise_layers"]
+__all__ = [
+    "RepVGG", "RepVGGConfig", "REPVGG_CONFIGS", "repvgg_widths", "groupwise_layers",
+    "repvgg_a0", "repvgg_a1", "repvgg_a2", "repvgg_b0", "repvgg_b1", "repvgg_b1g2", "repvgg_b1g4", "repvgg_b2",
+    "repvgg_b2g2", "repvgg_b2g4", "repvgg_b3", "repvgg_b3g2", "repvgg_b3g4", "repvgg_d2se",
+]
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,8 @@ def groupwise_layers(groups: int, depths: Sequence[int]) -> dict[int, int]:
 
 
 class RepVGG(nn.Module):
-    """A RepVGG classifier or feature backbone: five stages of :class:`RepVGGBlock`, the first block of each with
-    stride 2.
+    """A RepVGG classifier or feature backbone: five stages of blocks (:class:`RepVGGBlock` by default), the first
+    block of each with stride 2.
 
     Args:
         widths: output channels of stages 0-4.
@@ -87,6 +92,8 @@ class RepVGG(nn.Module):
         frozen_stages: MMPretrain's convention: ``-1`` none, ``0`` the stem, ``k`` the stem and ``stages.0..k-1``
             (parameters get ``requires_grad=False``, modules stay in eval mode through ``train()``).
         norm_eval: keep every BatchNorm in eval mode through ``train()`` (fine-tuning with small batches).
+        block: the block class, called as ``block(in_ch, out_ch, stride, groups, dilation, *, se_ratio, deploy,
+            use_1x1, use_identity)``; :class:`~repvgg_tools.blocks.QARepVGGBlock` makes a QARepVGG.
     """
 
     def __init__(
@@ -95,7 +102,7 @@ class RepVGG(nn.Module):
         strides: Sequence[int] = (2, 2, 2, 2, 2), dilations: Sequence[int] = (1, 1, 1, 1, 1),
         deploy: bool = False, use_1x1: bool = True, use_identity: bool = True,
         features_only: bool = False, out_indices: Sequence[int] | int | None = None, output_stride: int | None = None,
-        frozen_stages: int = -1, norm_eval: bool = False,
+        frozen_stages: int = -1, norm_eval: bool = False, block: Callable[..., nn.Module] = RepVGGBlock,
     ) -> None:
         super().__init__()
         if len(widths) != 5 or len(depths) != 5 or depths[0] != 1:
@@ -108,7 +115,7 @@ class RepVGG(nn.Module):
         layer_groups = dict(layer_groups or {})
         block_kw = dict(se_ratio=se_ratio, deploy=deploy, use_1x1=use_1x1, use_identity=use_identity)
         self.widths, self.depths = tuple(widths), tuple(depths)
-        self.stem = RepVGGBlock(in_chans, widths[0], strides[0], layer_groups.get(0, 1), dilations[0], **block_kw)
+        self.stem = block(in_chans, widths[0], strides[0], layer_groups.get(0, 1), dilations[0], **block_kw)
         reduction = strides[0]
         info = [{"num_chs": widths[0], "reduction": reduction, "module": "stem"}]
         stages, layer, in_ch = [], 1, widths[0]
@@ -117,7 +124,7 @@ class RepVGG(nn.Module):
             blocks = []
             for j in range(depths[i + 1]):
                 groups = layer_groups.get(layer, 1)
-                blocks.append(RepVGGBlock(in_ch, width, stride if j == 0 else 1, groups, dilation, **block_kw))
+                blocks.append(block(in_ch, width, stride if j == 0 else 1, groups, dilation, **block_kw))
                 in_ch, layer = width, layer + 1
             stages.append(nn.Sequential(*blocks))
             reduction *= stride
@@ -182,23 +189,97 @@ class ClassifierHead(nn.Module):
         return self.fc(self.flatten(self.pool(x)))
 
 
-def _build(name: str, num_classes: int, deploy: bool, **kwargs) -> RepVGG:
-    cfg = REPVGG_CONFIGS[name]
+def _build(cfg: RepVGGConfig, num_classes: int, deploy: bool, **kwargs) -> RepVGG:
+    """A :class:`RepVGG` of architecture ``cfg``; ``kwargs`` reach :class:`RepVGG` (e.g. ``block``, ``use_1x1``)."""
     return RepVGG(
         repvgg_widths(cfg.a, cfg.b), cfg.depths, groupwise_layers(cfg.groups, cfg.depths),
         num_classes=num_classes, se_ratio=cfg.se_ratio, deploy=deploy, **kwargs,
     )
 
 
-def _register(name: str) -> None:
-    def builder(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> RepVGG:
-        return _build(name, num_classes, deploy, **kwargs)
-
-    builder.__name__ = builder.__qualname__ = name
-    cfg = REPVGG_CONFIGS[name]
-    builder.__doc__ = f"RepVGG {name[7:].upper()}: depths {cfg.depths}, a={cfg.a}, b={cfg.b}, groups {cfg.groups}."
-    register_model(builder)
+# One explicit builder per architecture (importable, visible to IDEs, as in torchvision); ``**kwargs`` reach
+# :class:`RepVGG`: ``features_only``, ``out_indices``, ``output_stride``, ``in_chans``, ``use_1x1``, ...
 
 
-for _name in REPVGG_CONFIGS:
-    _register(_name)
+@register_model
+def repvgg_a0(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> RepVGG:
+    """RepVGG-A0: depths 1-2-4-14-1, widths 48-48-96-192-1280."""
+    return _build(REPVGG_CONFIGS["repvgg_a0"], num_classes, deploy, **kwargs)
+
+
+@register_model
+def repvgg_a1(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> RepVGG:
+    """RepVGG-A1: depths 1-2-4-14-1, widths 64-64-128-256-1280."""
+    return _build(REPVGG_CONFIGS["repvgg_a1"], num_classes, deploy, **kwargs)
+
+
+@register_model
+def repvgg_a2(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> RepVGG:
+    """RepVGG-A2: depths 1-2-4-14-1, widths 64-96-192-384-1408."""
+    return _build(REPVGG_CONFIGS["repvgg_a2"], num_classes, deploy, **kwargs)
+
+
+@register_model
+def repvgg_b0(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> RepVGG:
+    """RepVGG-B0: depths 1-4-6-16-1, widths 64-64-128-256-1280."""
+    return _build(REPVGG_CONFIGS["repvgg_b0"], num_classes, deploy, **kwargs)
+
+
+@register_model
+def repvgg_b1(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> RepVGG:
+    """RepVGG-B1: depths 1-4-6-16-1, widths 64-128-256-512-2048."""
+    return _build(REPVGG_CONFIGS["repvgg_b1"], num_classes, deploy, **kwargs)
+
+
+@register_model
+def repvgg_b1g2(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> RepVGG:
+    """RepVGG-B1g2: depths 1-4-6-16-1, widths 64-128-256-512-2048, 2 groups in layers 2, 4, ..., 26."""
+    return _build(REPVGG_CONFIGS["repvgg_b1g2"], num_classes, deploy, **kwargs)
+
+
+@register_model
+def repvgg_b1g4(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> RepVGG:
+    """RepVGG-B1g4: depths 1-4-6-16-1, widths 64-128-256-512-2048, 4 groups in layers 2, 4, ..., 26."""
+    return _build(REPVGG_CONFIGS["repvgg_b1g4"], num_classes, deploy, **kwargs)
+
+
+@register_model
+def repvgg_b2(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> RepVGG:
+    """RepVGG-B2: depths 1-4-6-16-1, widths 64-160-320-640-2560."""
+    return _build(REPVGG_CONFIGS["repvgg_b2"], num_classes, deploy, **kwargs)
+
+
+@register_model
+def repvgg_b2g2(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> RepVGG:
+    """RepVGG-B2g2: depths 1-4-6-16-1, widths 64-160-320-640-2560, 2 groups in layers 2, 4, ..., 26."""
+    return _build(REPVGG_CONFIGS["repvgg_b2g2"], num_classes, deploy, **kwargs)
+
+
+@register_model
+def repvgg_b2g4(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> RepVGG:
+    """RepVGG-B2g4: depths 1-4-6-16-1, widths 64-160-320-640-2560, 4 groups in layers 2, 4, ..., 26."""
+    return _build(REPVGG_CONFIGS["repvgg_b2g4"], num_classes, deploy, **kwargs)
+
+
+@register_model
+def repvgg_b3(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> RepVGG:
+    """RepVGG-B3: depths 1-4-6-16-1, widths 64-192-384-768-2560."""
+    return _build(REPVGG_CONFIGS["repvgg_b3"], num_classes, deploy, **kwargs)
+
+
+@register_model
+def repvgg_b3g2(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> RepVGG:
+    """RepVGG-B3g2: depths 1-4-6-16-1, widths 64-192-384-768-2560, 2 groups in layers 2, 4, ..., 26."""
+    return _build(REPVGG_CONFIGS["repvgg_b3g2"], num_classes, deploy, **kwargs)
+
+
+@register_model
+def repvgg_b3g4(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> RepVGG:
+    """RepVGG-B3g4: depths 1-4-6-16-1, widths 64-192-384-768-2560, 4 groups in layers 2, 4, ..., 26."""
+    return _build(REPVGG_CONFIGS["repvgg_b3g4"], num_classes, deploy, **kwargs)
+
+
+@register_model
+def repvgg_d2se(*, num_classes: int = 1000, deploy: bool = False, **kwargs) -> RepVGG:
+    """RepVGG-D2se: depths 1-8-14-24-1, widths 64-160-320-640-2560, SE (C/16) in every block."""
+    return _build(REPVGG_CONFIGS["repvgg_d2se"], num_classes, deploy, **kwargs)

@@ -4,6 +4,9 @@ RepVGG (Ding et al., 2021, sec. 3.3 and the official code) replaces plain weight
 L2 penalty on each block's *equivalent* 3x3 kernel, the one that remains after re-parameterization. We compute that
 kernel with :meth:`RepVGGBlock.kernel_bias`, which is differentiable, so the penalty's gradient reaches every branch
 kernel and BN scale exactly as the fused kernel depends on them.
+
+QARepVGG blocks get the same penalty through :meth:`QARepVGGBlock.kernel_bias` (post-sum BN included): the plain L2
+of the equivalent kernel, without RepVGG's normalization of the centre term, is the QARepVGG paper's M1.
 """
 
 from __future__ import annotations
@@ -11,21 +14,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..blocks import RepVGGBlock
+from ..blocks import QARepVGGBlock, RepVGGBlock
 
 __all__ = ["repvgg_blocks", "custom_l2", "param_groups"]
 
 
-def repvgg_blocks(model: nn.Module) -> list[RepVGGBlock]:
-    """The training-form :class:`RepVGGBlock` modules of ``model`` (deployed blocks are skipped)."""
-    return [m for m in model.modules() if isinstance(m, RepVGGBlock) and not m.is_deployed]
+def repvgg_blocks(model: nn.Module) -> list[RepVGGBlock | QARepVGGBlock]:
+    """The training-form :class:`RepVGGBlock` and :class:`QARepVGGBlock` modules of ``model`` (deployed blocks are
+    skipped)."""
+    return [m for m in model.modules() if isinstance(m, (RepVGGBlock, QARepVGGBlock)) and not m.is_deployed]
 
 
 def custom_l2(model: nn.Module) -> Tensor:
     """Sum over training-form blocks of the squared L2 norm of the equivalent 3x3 kernel.
 
-    The training loss adds ``0.5 * weight_decay * custom_l2(model)``. The kernel is computed in float64 by
-    :meth:`RepVGGBlock.kernel_bias` and the sum is returned in float32 (a scalar with autograd history).
+    The training loss adds ``0.5 * weight_decay * custom_l2(model)``. The kernel is computed in float64 by the
+    block's ``kernel_bias`` (:class:`RepVGGBlock` or :class:`QARepVGGBlock`) and the sum is returned in float32 (a
+    scalar with autograd history).
     """
     total = None
     for block in repvgg_blocks(model):
@@ -41,15 +46,15 @@ def _custom_l2_params(model: nn.Module) -> set[int]:
     ids: set[int] = set()
     for block in repvgg_blocks(model):
         for branch in (block.branch_3x3, block.branch_1x1):
-            if branch is not None:
-                ids.add(id(branch.conv.weight))
+            if branch is not None:  # a ConvBN, or QARepVGG's plain 1x1 conv
+                ids.add(id(getattr(branch, "conv", branch).weight))
     return ids
 
 
 def param_groups(model: nn.Module, weight_decay: float, custom_l2_enabled: bool = False) -> list[dict]:
     """Optimizer parameter groups: decay on weights with ``ndim > 1``, none on BN parameters and biases.
 
-    With ``custom_l2_enabled`` the branch kernels of RepVGG blocks get no decay from the optimizer either; the
+    With ``custom_l2_enabled`` the branch kernels of (QA)RepVGG blocks get no decay from the optimizer either; the
     custom L2 term of the loss regularizes them through the equivalent kernel. Other weights (the classifier,
     SE convs, plain convs) keep ordinary decay.
     """
