@@ -1,0 +1,155 @@
+"""A wall-clock budget for a run made of measured tasks: run them cheap first, estimate the rest, drop what won't fit.
+
+Each :class:`Task` states the work it does (e.g. FLOPs x images) and a cost group (tasks whose seconds per unit of
+work are alike, e.g. "throughput fp16 deploy"). Before a task runs, its cost is estimated from the seconds per unit
+of work last measured in its group (or, before any task of its group ran, its ``prior_s``, else the slowest rate
+measured in any group: a conservative guess); a task whose estimate does not fit in the time left is dropped and
+recorded with the figures that dropped it. A task may need a :class:`Setup` (e.g. building a model) shared with other
+tasks: it runs once, before the first task that needs it, and is estimated and timed the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Setup", "Task", "TimeBudget"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Setup:
+    """Shared preparation of several tasks. ``work`` sizes it (e.g. parameters to build); ``fn`` returns a value."""
+
+    key: str
+    work: float
+    fn: Callable[[], Any]
+    group: str = "setup"
+
+
+@dataclass
+class Task:
+    """One measured row: ``fn(setup_value)`` (or ``fn()`` without a setup) returns its result."""
+
+    key: str
+    group: str
+    work: float
+    fn: Callable[..., Any]
+    setup: Setup | None = None
+    prior_s: float | None = None
+
+
+@dataclass
+class TimeBudget:
+    """Runs tasks within ``seconds`` of wall-clock time counted from ``start`` (default: now).
+
+    Attributes:
+        done: ``{"key", "group", "seconds", "estimate_s"}`` of every task that ran, in order.
+        dropped: ``{"key", "group", "estimate_s", "left_s", "reason"}`` of every task that was not run.
+        setups: ``{"key", "seconds"}`` of every setup that ran.
+    """
+
+    seconds: float
+    start: float | None = None
+    clock: Callable[[], float] = time.perf_counter
+    done: list[dict] = field(default_factory=list)
+    dropped: list[dict] = field(default_factory=list)
+    setups: list[dict] = field(default_factory=list)
+    _rates: dict[str, float] = field(default_factory=dict)
+    _values: dict[str, Any] = field(default_factory=dict)
+    _failed: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.seconds <= 0:
+            raise ValueError(f"the budget must be positive, not {self.seconds}")
+        if self.start is None:
+            self.start = self.clock()
+
+    def elapsed(self) -> float:
+        """Seconds since the start."""
+        return self.clock() - self.start
+
+    def left(self) -> float:
+        """Seconds left (negative once overrun)."""
+        return self.seconds - self.elapsed()
+
+    def _estimate(self, group: str, work: float, prior_s: float | None) -> float | None:
+        rate = self._rates.get(group)
+        if rate is not None:
+            return rate * work
+        if prior_s is not None:
+            return prior_s
+        return max(self._rates.values()) * work if self._rates else None
+
+    def estimate(self, task: Task) -> float | None:
+        """Estimated seconds of ``task`` including its setup if that has not run; None when nothing is known yet."""
+        est = self._estimate(task.group, task.work, task.prior_s)
+        setup = task.setup
+        if setup is not None and setup.key not in self._values and setup.key not in self._failed:
+            rate = self._rates.get(setup.group)
+            if rate is not None:
+                est = (est or 0.0) + rate * setup.work
+        return est
+
+    def _learn(self, group: str, seconds: float, work: float) -> None:
+        if work > 0:
+            self._rates[group] = seconds / work
+
+    def run(self, task: Task) -> tuple[bool, Any]:
+        """Run ``task`` if its estimate fits in the time left.
+
+        Returns:
+            ``(True, result)`` when it ran (an exception from ``fn`` propagates after the time is recorded),
+            ``(False, reason)`` when it was dropped.
+
+        Raises:
+            RuntimeError: its setup failed before (the setup's own exception propagates the first time).
+        """
+        left, est = self.left(), self.estimate(task)
+        reason = None
+        if left <= 0:
+            reason = f"no time left ({self.elapsed():.1f} s of {self.seconds:g} s used)"
+        elif est is not None and est > left:
+            reason = f"estimated {est:.1f} s, {left:.1f} s left"
+        if task.setup is not None and task.setup.key in self._failed:
+            raise RuntimeError(f"{task.setup.key} failed: {self._failed[task.setup.key]}")
+        if reason is not None:
+            self.dropped.append({"key": task.key, "group": task.group, "estimate_s": est, "left_s": left,
+                                 "reason": reason})
+            log.info("dropped %s: %s", task.key, reason)
+            return False, reason
+        args = ()
+        if task.setup is not None:
+            args = (self._setup(task.setup),)
+        t0 = self.clock()
+        try:
+            return True, task.fn(*args)
+        finally:
+            seconds = self.clock() - t0
+            self._learn(task.group, seconds, task.work)
+            self.done.append({"key": task.key, "group": task.group, "seconds": seconds, "estimate_s": est})
+
+    def _setup(self, setup: Setup) -> Any:
+        if setup.key in self._values:
+            return self._values[setup.key]
+        t0 = self.clock()
+        try:
+            value = setup.fn()
+        except Exception as exc:
+            self._failed[setup.key] = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise
+        finally:
+            seconds = self.clock() - t0
+            self._learn(setup.group, seconds, setup.work)
+            self.setups.append({"key": setup.key, "seconds": seconds})
+        self._values[setup.key] = value
+        return value
+
+    def release(self, keys: Iterable[str]) -> None:
+        """Forget the values of these setups (to free memory); a task that needs one again rebuilds it."""
+        for key in keys:
+            self._values.pop(key, None)
