@@ -1,0 +1,209 @@
+"""tools/gpu_report.py on the CPU: a tiny real run writes a complete report whose equivalence figures meet the contract;
+a tiny budget drops rows and lists them; missing optional packages disable only their rows; the budget planner and
+the equivalence check fail when handed a wrong answer. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from repvgg_tools.budget import Setup, Task, TimeBudget
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "gpu_report.py"
+TINY = ["--device", "cpu", "--size", "32", "--batch", "2", "--iters", "2", "--warmup", "1", "--eq-batch", "4"]
+
+
+@pytest.fixture
+def tool():
+    """The tool's namespace, loaded in this process (the torch flags its main() sets are restored afterwards)."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield runpy.run_path(str(TOOL), run_name="gpu_report")
+    torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_cpu_report_is_complete_and_within_contract(tmp_path):
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, str(TOOL), *TINY, "--models", "repvgg_a0", "resnet18", "--trt-models",
+                           "repvgg_a0", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["environment"]["torch"] == torch.__version__ and report["environment"]["device"] == "cpu"
+    assert report["budget"]["dropped"] == [] and report["failures"] == [] and report["unavailable"] == {}
+    for name in ("repvgg_a0", "resnet18"):
+        for form in ("training", "deploy"):
+            for prec in ("fp32", "fp16"):
+                row = report["throughput"][name][form][prec]
+                assert row["images_per_s"] == pytest.approx(2 / (row["median_ms"] / 1e3))
+        e = report["equivalence"][name]
+        assert e["samples"] == 4 and e["passed"]
+        assert e["fp32_max_rel"] <= 1e-5 and e["fp64_max_rel"] <= 1e-12
+        assert e["fp16_dtype"] == "float16" and e["fp16_cosine"] >= 0.9999 and e["fp16_top1_agreement"] >= 0.99
+        r = report["ratios"][name]
+        tp = report["throughput"][name]
+        assert r["deploy_vs_training_fp32"] == pytest.approx(tp["deploy"]["fp32"]["images_per_s"]
+                                                             / tp["training"]["fp32"]["images_per_s"])
+        assert r["vs_resnet18_fp16"] == pytest.approx(tp["deploy"]["fp16"]["images_per_s"] /
+                                                      report["throughput"]["resnet18"]["training"]["fp16"]
+                                                      ["images_per_s"])
+    assert report["ratios"]["repvgg_a0"]["paper_vs_resnet18"] == pytest.approx(3256 / 2442)
+    assert report["models"]["repvgg_a0"]["params"] == {"training": 9_108_968, "deploy": 8_309_384}
+    assert report["models"]["resnet18"]["params"]["training"] == 11_689_512
+    assert report["onnx"]["repvgg_a0"]["passed"] and report["onnx"]["repvgg_a0"]["max_rel"] <= 1e-4
+    assert report["tensorrt"]["skipped"].startswith("no CUDA device")
+    text = (out / "report.md").read_text()
+    for heading in ("## Throughput", "## Equivalence on the device", "## ONNX export", "## TensorRT", "## Plot"):
+        assert heading in text
+    assert "| repvgg_a0 | 3256 |" in text and "| resnet18 | 2442 |" in text and "FAILED" not in text
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tiny_budget_drops_rows_and_lists_them(tool, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert tool["main"]([*TINY, "--models", "repvgg_a0", "resnet18", "--trt-models", "repvgg_a0", "--budget-s",
+                         "0.001", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    dropped = {d["key"] for d in report["budget"]["dropped"]}
+    planned = {f"{n} {f} {p}" for n in ("repvgg_a0", "resnet18") for f in ("training", "deploy")
+               for p in ("fp32", "fp16")} | {"repvgg_a0 equivalence", "resnet18 equivalence",
+                                              "repvgg_a0 ONNX export + onnxruntime"}
+    assert dropped == planned and report["budget"]["done"] == []
+    assert report["throughput"]["resnet18"]["deploy"]["fp16"]["dropped"].startswith("no time left")
+    text = (out / "report.md").read_text()
+    assert "## Dropped to fit the budget" in text
+    assert all(f"| {key} |" in text for key in planned)
+    # an existing report is not overwritten without --force
+    assert tool["main"]([*TINY, "--models", "repvgg_a0", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().endswith("report.md: already exists (use --force to overwrite)")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "resnet34"], "error: unknown model(s) resnet34"),
+    (["--batch", "0"], "error: --batch must be at least 1, not 0"),
+    (["--budget-s", "0"], "error: --budget-s must be positive, not 0"),
+    (["--trt-models", "resnet18"], "error: --trt-models takes our models, not resnet18"),
+])
+def test_bad_arguments_fail_in_one_line(tool, tmp_path, capsys, argv, message):
+    assert tool["main"](["--out", str(tmp_path / "r"), *argv]) == 2
+    assert capsys.readouterr().err.strip() == message
+    assert not (tmp_path / "r").exists()
+
+
+POISON = """
+import runpy, sys
+for name in ("torchvision", "onnx", "onnxruntime", "onnxslim", "onnxconverter_common", "matplotlib", "timm",
+             "tensorrt", "tensorrt_rtx", "sklearn", "safetensors", "yaml", "tqdm", "scipy"):
+    sys.modules[name] = None  # import raises ImportError, as on a machine without the package
+tool = runpy.run_path(sys.argv[1], run_name="gpu_report")
+try:
+    tool["main"](["--help"])
+except SystemExit as exc:
+    assert exc.code == 0, exc.code
+print("HELP-OK", flush=True)
+sys.exit(tool["main"](sys.argv[2:]))
+"""
+
+
+def test_missing_optional_packages_disable_only_their_rows(tmp_path):
+    out = tmp_path / "r"
+    proc = subprocess.run([sys.executable, "-c", POISON, str(TOOL), *TINY, "--models", "repvgg_a0", "resnet18",
+                           "--trt-models", "repvgg_a0", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "usage: gpu_report.py" in proc.stdout and "HELP-OK" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["unavailable"] == {"resnet18": report["unavailable"]["resnet18"]}
+    assert report["unavailable"]["resnet18"].startswith("torchvision is not importable")
+    assert report["onnx"]["skipped"].startswith("onnx is not importable")
+    assert "onnx is not importable" in report["tensorrt"]["skipped"]
+    assert report["plot"]["skipped"].startswith("matplotlib is not importable") and not (out / "report.png").exists()
+    # everything that needs only torch still ran
+    assert report["equivalence"]["repvgg_a0"]["passed"] and report["budget"]["dropped"] == []
+    assert all(report["throughput"]["repvgg_a0"][f][p]["images_per_s"] > 0 for f in ("training", "deploy")
+               for p in ("fp32", "fp16"))
+    assert set(report["throughput"]) == {"repvgg_a0"} and report["ratios"]["repvgg_a0"]["vs_resnet18_fp32"] is None
+    text = (out / "report.md").read_text()
+    assert "PNG skipped: matplotlib is not importable" in text and "- resnet18: torchvision is not importable" in text
+
+
+def test_equivalence_check_fails_on_a_wrong_deploy_model():
+    from repvgg_tools.device_checks import equivalence, prepare
+
+    models = prepare("repvgg_a0", "cpu")
+    assert equivalence(models, torch.device("cpu"), 2, 32)["passed"]
+    with torch.no_grad():
+        conv = models["deploy"].stages[0][0].reparam
+        conv.weight.mul_(1 + 0.05 * torch.randn_like(conv.weight))  # a fusion bug's worth of error
+    e = equivalence(models, torch.device("cpu"), 2, 32)
+    assert not e["passed"] and not e["fp32_passed"] and e["fp32_max_rel"] > 1e-3
+    assert e["fp64_passed"]  # the float64 check re-fuses the training form: it tests the fusion code itself
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _work(clock: FakeClock, seconds: float):
+    def fn(*_):
+        clock.t += seconds
+        return seconds
+    return fn
+
+
+def _never(*_):
+    raise AssertionError("a task that does not fit must not run")
+
+
+def test_budget_estimates_from_measured_rates_and_drops_what_would_overrun():
+    clock = FakeClock()
+    budget = TimeBudget(10.0, clock=clock)
+    assert budget.run(Task("first", "g", work=2, fn=_work(clock, 1.0))) == (True, 1.0)  # nothing known: runs
+    big = Task("big", "g", work=20, fn=_never)
+    assert budget.estimate(big) == pytest.approx(10.0)  # 0.5 s per unit of work, measured
+    ran, reason = budget.run(big)
+    assert not ran and reason == "estimated 10.0 s, 9.0 s left"
+    assert budget.run(Task("fits", "g", work=8, fn=_work(clock, 5.0)))[0]  # 4 s estimated, 5 s taken
+    assert budget._rates["g"] == pytest.approx(5 / 8)  # the latest measurement of the group wins
+    # an unmeasured group borrows the slowest measured rate; a prior wins over borrowing
+    assert budget.estimate(Task("other", "h", work=4, fn=_never)) == pytest.approx(4 * 5 / 8)
+    assert not budget.run(Task("engine", "trt", work=1, fn=_never, prior_s=30.0))[0]
+    clock.t += 10
+    ran, reason = budget.run(Task("late", "g", work=0.001, fn=_never))
+    assert not ran and reason.startswith("no time left")
+    assert [d["key"] for d in budget.dropped] == ["big", "engine", "late"]
+    assert [d["key"] for d in budget.done] == ["first", "fits"]
+
+
+def test_budget_setups_run_once_are_estimated_and_failures_propagate():
+    clock = FakeClock()
+    budget = TimeBudget(100.0, clock=clock)
+    built = []
+    setup = Setup("build m", work=10, fn=lambda: (built.append(1), _work(clock, 5.0)(), "model")[2])
+    assert budget.run(Task("a", "g", work=1, fn=lambda m: m + "!", setup=setup)) == (True, "model!")
+    assert budget.run(Task("b", "g", work=1, fn=lambda m: m, setup=setup)) == (True, "model")
+    assert built == [1] and budget.setups[0]["seconds"] == 5.0
+    other = Setup("build n", work=30, fn=_never)
+    assert budget.estimate(Task("c", "g", work=1, fn=_never, setup=other)) == pytest.approx(15.0)  # 0.5 s/param
+    budget.release(["build m"])
+    assert budget.run(Task("d", "g", work=1, fn=lambda m: m, setup=setup))[0] and built == [1, 1]
+
+    def broken():
+        raise OSError("disk gone")
+
+    bad = Setup("build bad", work=1, fn=broken)
+    with pytest.raises(OSError, match="disk gone"):
+        budget.run(Task("e", "g", work=1, fn=_never, setup=bad))
+    with pytest.raises(RuntimeError, match="build bad failed: disk gone"):
+        budget.run(Task("f", "g", work=1, fn=_never, setup=bad))
+    with pytest.raises(ValueError, match="positive"):
+        TimeBudget(0)
