@@ -1,11 +1,13 @@
 """A wall-clock budget for a run made of measured tasks: run them cheap first, estimate the rest, drop what won't fit.
 
 Each :class:`Task` states the work it does (e.g. FLOPs x images) and a cost group (tasks whose seconds per unit of
-work are alike, e.g. "throughput fp16 deploy"). Before a task runs, its cost is estimated from the seconds per unit
-of work last measured in its group (or, before any task of its group ran, its ``prior_s``, else the slowest rate
-measured in any group: a conservative guess); a task whose estimate does not fit in the time left is dropped and
-recorded with the figures that dropped it. A task may need a :class:`Setup` (e.g. building a model) shared with other
-tasks: it runs once, before the first task that needs it, and is estimated and timed the same way.
+work are alike, e.g. "throughput fp16 deploy"; the group's first word is its kind, e.g. "throughput": work is
+comparable within a kind). Before a task runs, its cost is estimated from the seconds per unit of work last measured
+in its group (or, before any task of its group ran, its ``prior_s``, else the slowest rate measured in a group of the
+same kind: a conservative guess; with none, the task runs and is measured). A task whose estimate does not fit in
+the time left is dropped and recorded with the figures that dropped it. A task may need a :class:`Setup` (e.g.
+building a model) shared with other tasks: it runs once, before the first task that needs it, and is estimated (per
+unit of its own work, e.g. parameters) and timed the same way.
 """
 
 from __future__ import annotations
@@ -83,16 +85,18 @@ class TimeBudget:
             return rate * work
         if prior_s is not None:
             return prior_s
-        return max(self._rates.values()) * work if self._rates else None
+        kind = _kind(group)  # work is comparable only within a kind: borrow its slowest measured rate
+        rates = [r for g, r in self._rates.items() if _kind(g) == kind]
+        return max(rates) * work if rates else None
 
     def estimate(self, task: Task) -> float | None:
         """Estimated seconds of ``task`` including its setup if that has not run; None when nothing is known yet."""
         est = self._estimate(task.group, task.work, task.prior_s)
         setup = task.setup
         if setup is not None and setup.key not in self._values and setup.key not in self._failed:
-            rate = self._rates.get(setup.group)
-            if rate is not None:
-                est = (est or 0.0) + rate * setup.work
+            setup_est = self._estimate(setup.group, setup.work, None)
+            if setup_est is not None:
+                est = (est or 0.0) + setup_est
         return est
 
     def _learn(self, group: str, seconds: float, work: float) -> None:
@@ -153,3 +157,7 @@ class TimeBudget:
         """Forget the values of these setups (to free memory); a task that needs one again rebuilds it."""
         for key in keys:
             self._values.pop(key, None)
+
+
+def _kind(group: str) -> str:
+    return group.split(" ", 1)[0]

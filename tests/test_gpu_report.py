@@ -167,18 +167,21 @@ def _never(*_):
 def test_budget_estimates_from_measured_rates_and_drops_what_would_overrun():
     clock = FakeClock()
     budget = TimeBudget(10.0, clock=clock)
-    assert budget.run(Task("first", "g", work=2, fn=_work(clock, 1.0))) == (True, 1.0)  # nothing known: runs
-    big = Task("big", "g", work=20, fn=_never)
+    first = Task("first", "speed fp32", work=2, fn=_work(clock, 1.0))
+    assert budget.estimate(first) is None and budget.run(first) == (True, 1.0)  # nothing known: runs, measured
+    big = Task("big", "speed fp32", work=20, fn=_never)
     assert budget.estimate(big) == pytest.approx(10.0)  # 0.5 s per unit of work, measured
     ran, reason = budget.run(big)
     assert not ran and reason == "estimated 10.0 s, 9.0 s left"
-    assert budget.run(Task("fits", "g", work=8, fn=_work(clock, 5.0)))[0]  # 4 s estimated, 5 s taken
-    assert budget._rates["g"] == pytest.approx(5 / 8)  # the latest measurement of the group wins
-    # an unmeasured group borrows the slowest measured rate; a prior wins over borrowing
-    assert budget.estimate(Task("other", "h", work=4, fn=_never)) == pytest.approx(4 * 5 / 8)
-    assert not budget.run(Task("engine", "trt", work=1, fn=_never, prior_s=30.0))[0]
+    assert budget.run(Task("fits", "speed fp32", work=8, fn=_work(clock, 5.0)))[0]  # 4 s estimated, 5 s taken
+    assert budget.estimate(Task("x", "speed fp32", work=1, fn=_never)) == pytest.approx(5 / 8)  # latest rate wins
+    # an unmeasured group borrows the slowest measured rate of its kind; a prior wins over borrowing; another kind
+    # (other units of work) borrows nothing
+    assert budget.estimate(Task("half", "speed fp16", work=4, fn=_never)) == pytest.approx(4 * 5 / 8)
+    assert budget.estimate(Task("other", "check", work=1e9, fn=_never)) is None
+    assert not budget.run(Task("engine", "engine fp32", work=1, fn=_never, prior_s=30.0))[0]
     clock.t += 10
-    ran, reason = budget.run(Task("late", "g", work=0.001, fn=_never))
+    ran, reason = budget.run(Task("late", "speed fp32", work=0.001, fn=_never))
     assert not ran and reason.startswith("no time left")
     assert [d["key"] for d in budget.dropped] == ["big", "engine", "late"]
     assert [d["key"] for d in budget.done] == ["first", "fits"]
