@@ -131,7 +131,7 @@ def _throughput_md(report: dict) -> list[str]:
     errors = [(n, f, p, row["error"]) for n, forms in report["throughput"].items() for f, precs in forms.items()
               for p, row in precs.items() if "error" in row]
     if errors:
-        lines += ["", "Rows that failed: " + "; ".join(f"{n} {f} {p}: {e}" for n, f, p, e in errors) + "."]
+        lines += ["", "Rows that could not run: " + "; ".join(f"{n} {f} {p}: {e}" for n, f, p, e in errors) + "."]
     return lines + [""]
 
 
@@ -219,10 +219,19 @@ def plot(report: dict, path: Path) -> dict:
 
 
 def failures(report: dict) -> list[str]:
-    """Every check that ran and failed (a dropped or skipped row is not a failure)."""
-    out = [f"{n} equivalence" for n, e in report["equivalence"].items() if e.get("passed") is False]
+    """Every check that failed or could not run for an error (a dropped or skipped row, or a throughput row that
+    ran out of GPU memory, is not a failure: the report says why it has no figure)."""
+    def bad(label: str, row: dict) -> list[str]:
+        if row.get("passed") is False:
+            return [label]
+        error = row.get("error")
+        return [f"{label} ({error})"] if error and error != "OOM" else []
+
+    out = [x for n, e in report["equivalence"].items() for x in bad(f"{n} equivalence", e)]
     onnx = report["onnx"] if "skipped" not in report["onnx"] else {}
-    out += [f"{n} ONNX" for n, r in onnx.items() if r.get("passed") is False]
+    out += [x for n, r in onnx.items() for x in bad(f"{n} ONNX", r)]
     for name, precs in report["tensorrt"].get("rows", {}).items():
-        out += [f"{name} TensorRT {p}" for p, r in precs.items() if r.get("passed") is False]
+        out += [x for p, r in precs.items() for x in bad(f"{name} TensorRT {p}", r)]
+    for name, forms in report["throughput"].items():
+        out += [x for f, precs in forms.items() for p, r in precs.items() for x in bad(f"{name} {f} {p}", r)]
     return out

@@ -17,7 +17,7 @@ from repvgg_tools.budget import Setup, Task, TimeBudget
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "gpu_report.py"
-TINY = ["--device", "cpu", "--size", "32", "--batch", "2", "--iters", "2", "--warmup", "1", "--eq-batch", "4"]
+TINY = ["--device", "cpu", "--size", "32", "--batch", "2", "--iters", "1", "--warmup", "0", "--eq-batch", "2"]
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_cpu_report_is_complete_and_within_contract(tmp_path):
                 row = report["throughput"][name][form][prec]
                 assert row["images_per_s"] == pytest.approx(2 / (row["median_ms"] / 1e3))
         e = report["equivalence"][name]
-        assert e["samples"] == 4 and e["passed"]
+        assert e["samples"] == 2 and e["passed"]
         assert e["fp32_max_rel"] <= 1e-5 and e["fp64_max_rel"] <= 1e-12
         assert e["fp16_dtype"] == "float16" and e["fp16_cosine"] >= 0.9999 and e["fp16_top1_agreement"] >= 0.99
         r = report["ratios"][name]
@@ -210,3 +210,59 @@ def test_budget_setups_run_once_are_estimated_and_failures_propagate():
         budget.run(Task("f", "g", work=1, fn=_never, setup=bad))
     with pytest.raises(ValueError, match="positive"):
         TimeBudget(0)
+
+
+def _gpu_like_report() -> dict:
+    """Report data shaped like a GPU run's (CUDA environment, OOM, TensorRT rows), for the GPU-only rendering."""
+    fast = {"median_ms": 40.0, "p90_ms": 41.0, "min_ms": 39.0, "images_per_s": 3200.0}
+    slow = {"median_ms": 80.0, "p90_ms": 81.0, "min_ms": 79.0, "images_per_s": 1600.0}
+    eq = {"samples": 16, "fp32_max_rel": 2e-6, "fp32_passed": True, "fp64_max_rel": 1e-15, "fp64_passed": True,
+          "fp32_noise_training_vs_fp64": 1e-6, "fp16_cosine": 0.99999, "fp16_top1_agreement": 1.0,
+          "fp16_max_rel": 1e-3, "fp16_passed": True, "passed": True}
+    report = {
+        "environment": {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0", "gpu_memory_gib": 79.1,
+                        "driver": "570.86", "torch": "2.11.0", "cuda": "12.8", "cudnn": 91000, "python": "3.12.3",
+                        "installed": {"onnx": "1.18"}, "cudnn_benchmark": True, "tf32_matmul": False,
+                        "tf32_cudnn": False},
+        "config": {"batch": 128, "size": 224, "iters": 20, "warmup": 5},
+        "budget": {"budget_s": 300, "elapsed_s": 299.0, "done": [{}], "dropped": [
+            {"key": "repvgg_b3 training fp32", "estimate_s": 42.0, "left_s": 3.5, "reason": "estimated 42.0 s"}]},
+        "unavailable": {}, "onnx": {"repvgg_a0": {"summary": "max rel err 1e-07", "passed": True}},
+        "throughput": {"repvgg_a0": {"training": {"fp32": slow, "fp16": {"error": "OOM"}},
+                                     "deploy": {"fp32": fast, "fp16": fast}},
+                       "resnet18": {"training": {"fp32": slow, "fp16": slow}, "deploy": {"fp32": fast}},
+                       "repvgg_b3": {"training": {"fp32": {"dropped": "estimated 42.0 s"}}}},
+        "equivalence": {"repvgg_a0": eq, "resnet18": {**eq, "fp16_passed": False, "passed": False},
+                        "repvgg_b3": {"error": "CUDA error: an illegal memory access"}},
+        "tensorrt": {"backend": "tensorrt", "version": "10.9", "rows": {"repvgg_a0": {
+            "fp32": {"build_seconds": 20.0, "summary": "max rel err 2e-05 (tolerance 1e-03)", "passed": True,
+                     "images_per_s": 6400.0},
+            "fp16": {"skipped": "an fp16 ONNX needs onnxconverter_common"},
+            "int8": {"error": "BuildFailed: parser"}}}},
+        "plot": {"skipped": "matplotlib is not importable (No module named 'matplotlib')"},
+    }
+    from repvgg_tools.device_report import ratios
+
+    report["ratios"] = ratios(report)
+    return report
+
+
+def test_gpu_report_renders_gpu_rows_and_lists_failures():
+    from repvgg_tools.device_report import failures, render
+
+    report = _gpu_like_report()
+    assert report["ratios"]["repvgg_a0"]["deploy_vs_training_fp32"] == 2.0
+    assert report["ratios"]["repvgg_a0"]["vs_resnet18_fp32"] == 2.0  # deploy a0 vs torchvision resnet18 as shipped
+    assert report["ratios"]["repvgg_a0"]["deploy_vs_training_fp16"] is None  # its training row ran out of memory
+    text = render(report)
+    assert "NVIDIA H100 80GB HBM3 (compute capability 9.0, 79.1 GiB), driver 570.86" in text
+    assert "| repvgg_a0 | 3256 | 1600 | 3200 | 2.00x | OOM | 3200 | — |" in text
+    assert "| repvgg_a0 | 2.00 | 1.33 | — | 4.53 |" in text
+    assert "| repvgg_b3 | — | dropped (budget) | — |" in text and "repvgg_a0 training fp16: OOM" in text
+    assert "| repvgg_b3 training fp32 | 42.0 | 3.5 | estimated 42.0 s |" in text
+    assert "**FAILED** (fp16)" in text and "error: CUDA error: an illegal memory access" in text
+    assert "| repvgg_a0 | fp32 | 20.0 | max rel err 2e-05 (tolerance 1e-03) | **ok** | 6400 | 2.00x (fp32) |" in text
+    assert "| repvgg_a0 | fp16 |" in text and "skipped" in text
+    assert "PNG skipped: matplotlib is not importable" in text
+    assert failures(report) == ["resnet18 equivalence", "repvgg_b3 equivalence (CUDA error: an illegal memory access)",
+                                "repvgg_a0 TensorRT int8 (BuildFailed: parser)"]
