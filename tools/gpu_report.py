@@ -200,7 +200,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="gpu_report.py", description=__doc__.split("\n")[0], epilog=__doc__,
+    p = _Parser(prog="gpu_report.py", description="The RepVGG paper's speed table, deploy-vs-training equivalence, "
+                "ONNX and TensorRT checks on this machine's GPU, within a time budget.", epilog=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory for report.md, report.json, report.png")
     p.add_argument("--budget-s", type=float, default=300.0, help="wall-clock budget of the whole run (default 300)")
@@ -208,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="models of the speed table")
     p.add_argument("--trt-models", nargs="*", default=["repvgg_a0", "repvgg_b0"],
                    help="models exported to ONNX and built as TensorRT engines (none: skip)")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=128, help="throughput batch (default 128, the paper's)")
+    p.add_argument("--size", type=int, default=224, help="input side (default 224)")
     p.add_argument("--iters", type=int, default=20, help="timed runs per row (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (cuDNN autotuning)")
     p.add_argument("--eq-batch", type=int, default=16, help="inputs of the equivalence checks")
