@@ -47,7 +47,8 @@ class Task:
 
 @dataclass
 class TimeBudget:
-    """Runs tasks within ``seconds`` of wall-clock time counted from ``start`` (default: now).
+    """Runs tasks within ``seconds`` of wall-clock time counted from ``start`` (default: now), keeping the last
+    ``reserve_s`` seconds free (for writing the results).
 
     Attributes:
         done: ``{"key", "group", "seconds", "estimate_s"}`` of every task that ran, in order.
@@ -57,6 +58,7 @@ class TimeBudget:
 
     seconds: float
     start: float | None = None
+    reserve_s: float = 0.0
     clock: Callable[[], float] = time.perf_counter
     done: list[dict] = field(default_factory=list)
     dropped: list[dict] = field(default_factory=list)
@@ -66,8 +68,9 @@ class TimeBudget:
     _failed: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.seconds <= 0:
-            raise ValueError(f"the budget must be positive, not {self.seconds}")
+        if self.seconds <= 0 or not 0 <= self.reserve_s < self.seconds:
+            raise ValueError(f"the budget must be positive and exceed the reserve, not {self.seconds} "
+                             f"(reserve {self.reserve_s})")
         if self.start is None:
             self.start = self.clock()
 
@@ -76,8 +79,8 @@ class TimeBudget:
         return self.clock() - self.start
 
     def left(self) -> float:
-        """Seconds left (negative once overrun)."""
-        return self.seconds - self.elapsed()
+        """Seconds left for tasks (negative once overrun)."""
+        return self.seconds - self.reserve_s - self.elapsed()
 
     def _estimate(self, group: str, work: float, prior_s: float | None) -> float | None:
         rate = self._rates.get(group)
@@ -116,7 +119,7 @@ class TimeBudget:
         left, est = self.left(), self.estimate(task)
         reason = None
         if left <= 0:
-            reason = f"no time left ({self.elapsed():.1f} s of {self.seconds:g} s used)"
+            reason = f"no time left ({self.elapsed():.1f} s of {self.seconds:g} s used, {self.reserve_s:g} s kept)"
         elif est is not None and est > left:
             reason = f"estimated {est:.1f} s, {left:.1f} s left"
         if task.setup is not None and task.setup.key in self._failed:

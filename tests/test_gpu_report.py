@@ -166,7 +166,7 @@ def _never(*_):
 
 def test_budget_estimates_from_measured_rates_and_drops_what_would_overrun():
     clock = FakeClock()
-    budget = TimeBudget(10.0, clock=clock)
+    budget = TimeBudget(12.0, clock=clock, reserve_s=2.0)
     first = Task("first", "speed fp32", work=2, fn=_work(clock, 1.0))
     assert budget.estimate(first) is None and budget.run(first) == (True, 1.0)  # nothing known: runs, measured
     big = Task("big", "speed fp32", work=20, fn=_never)
@@ -210,6 +210,8 @@ def test_budget_setups_run_once_are_estimated_and_failures_propagate():
         budget.run(Task("f", "g", work=1, fn=_never, setup=bad))
     with pytest.raises(ValueError, match="positive"):
         TimeBudget(0)
+    with pytest.raises(ValueError, match="exceed the reserve"):
+        TimeBudget(5, reserve_s=5)
 
 
 def _gpu_like_report() -> dict:

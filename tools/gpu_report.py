@@ -39,6 +39,7 @@ TORCHVISION = checks.TORCHVISION_MODELS
 DEFAULT_MODELS = ["repvgg_a0", "repvgg_a1", "repvgg_a2", "repvgg_b0", "repvgg_b1", "repvgg_b1g4", "repvgg_b2",
                   "repvgg_b3", "vgg16", "resnet18", "resnet50"]
 TRT_PRECISIONS = ("fp32", "fp16", "int8")
+REPORT_RESERVE_S = 5.0  # kept free at the end of the budget for the plot and the report files
 TRT_PRIOR_S = 30.0  # guess for the first engine (export + build + check + timing) before one was measured
 
 
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         device = _check(args)
-        budget = TimeBudget(args.budget_s, start=_T0)
+        budget = TimeBudget(args.budget_s, start=_T0, reserve_s=min(REPORT_RESERVE_S, args.budget_s / 20))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
