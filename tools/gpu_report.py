@@ -237,16 +237,17 @@ def _check(args) -> torch.device:
             raise UsageError(f"{flag} must be at least {low}, not {value}")
     if not args.budget_s > 0:
         raise UsageError(f"--budget-s must be positive, not {args.budget_s:g}")
-    if args.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(args.device)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                              else args.device)
     except RuntimeError:
         raise UsageError(f"--device {args.device!r} is not a device") from None
     if device.type not in ("cuda", "cpu"):
         raise UsageError(f"--device must be cpu or cuda, not {args.device}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {args.device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a directory")
@@ -274,13 +275,19 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     report = run(args, device, budget)
-    report["plot"] = plot(report, out / "report.png")
+    try:
+        report["plot"] = plot(report, out / "report.png")
+    except Exception as exc:  # a plotting problem must not cost the report
+        report["plot"] = {"skipped": f"plotting failed ({_first_line(exc)})"}
     report["failures"] = failures(report)
     report["budget"]["elapsed_s"] = budget.elapsed()
-    text = render(report)
-    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text), force=True)
     atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1, default=str)),
-                 force=True)
+                 force=True)  # first: whatever happens next, the figures are on disk
+    try:
+        text = render(report)
+    except Exception as exc:
+        text = f"# repvgg-tools GPU report\n\nRendering failed ({_first_line(exc)}); every figure is in report.json.\n"
+    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text), force=True)
     print(text)
     print(f"wrote {out / 'report.md'}, report.json" + (", report.png" if "file" in report["plot"] else "")
           + f" in {budget.elapsed():.1f} s", file=sys.stderr)
