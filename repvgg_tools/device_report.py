@@ -202,8 +202,9 @@ def plot(report: dict, path: Path) -> dict:
     for i, (label, form, prec) in enumerate(series):
         vals = [_ips(report, n, form, prec) or 0 for n in names]
         ax.bar([j + i * width for j in range(len(names))], vals, width, label=label)
-    ax.bar([j + len(series) * width for j in range(len(names))], [PAPER_IPS.get(n, 0) for n in names], width,
-           label="paper (1080Ti fp32 deploy)", color="grey")
+    if (report["config"]["batch"], report["config"]["size"]) == (128, 224):  # the paper's setting, else not comparable
+        ax.bar([j + len(series) * width for j in range(len(names))], [PAPER_IPS.get(n, 0) for n in names], width,
+               label="paper (1080Ti fp32 deploy)", color="grey")
     ax.set_xticks([j + width * len(series) / 2 for j in range(len(names))], names, rotation=30, ha="right")
     env = report["environment"]
     ax.set_ylabel("images/s")
