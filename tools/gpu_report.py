@@ -95,10 +95,16 @@ def run(args, device: torch.device, budget: TimeBudget) -> dict:
         if reason:
             for n in [n for n in names if n in TORCHVISION]:
                 report["unavailable"][n] = reason
+    costs = {}
+    for name in [n for n in names if n not in report["unavailable"]]:
+        try:
+            costs[name] = checks.model_cost(name, args.size)
+        except Exception as exc:  # a model that cannot even be built must not cost the others
+            report["unavailable"][name] = f"could not build it to count its FLOPs ({_first_line(exc)})"
     names = [n for n in names if n not in report["unavailable"]]
     setups = {}
     for name in names:
-        cost = checks.model_cost(name, args.size)
+        cost = costs[name]
         report["models"][name] = {"source": "torchvision" if name in TORCHVISION else "repvgg_tools",
                                   "gflops": {f: v / 1e9 for f, v in cost["flops"].items()}, "params": {}}
         setups[name] = Setup(f"build {name}", cost["params"], lambda name=name: _prepared(name, device, report))
@@ -141,7 +147,8 @@ def _export_tasks(args, device: torch.device, report: dict, setups: dict, flops:
         return []
     exported: dict = {}
     tasks = []
-    for name in args.trt_models:
+    trt_names = [n for n in args.trt_models if n in setups]  # not those listed as unavailable
+    for name in trt_names:
         def check(models, name=name):
             exported[name], result = checks.onnx_check(models, args.size, min(args.eq_batch, 4))
             return result
@@ -161,7 +168,7 @@ def _export_tasks(args, device: torch.device, report: dict, setups: dict, flops:
         return tasks
     section = report["tensorrt"]
     section.update(backend=backend.name, version=backend.version, rows={})
-    for name in args.trt_models:
+    for name in trt_names:
         for prec in TRT_PRECISIONS:
             def engine(models, name=name, prec=prec):
                 if "unsupported" in section:
