@@ -1,13 +1,13 @@
 """A wall-clock budget for a run made of measured tasks: run them cheap first, estimate the rest, drop what won't fit.
 
-Each :class:`Task` states the work it does (e.g. FLOPs x images) and a cost group (tasks whose seconds per unit of
-work are alike, e.g. "throughput fp16 deploy"; the group's first word is its kind, e.g. "throughput": work is
-comparable within a kind). Before a task runs, its cost is estimated from the seconds per unit of work last measured
-in its group (or, before any task of its group ran, its ``prior_s``, else the slowest rate measured in a group of the
-same kind: a conservative guess; with none, the task runs and is measured). A task whose estimate does not fit in
-the time left is dropped and recorded with the figures that dropped it. A task may need a :class:`Setup` (e.g.
-building a model) shared with other tasks: it runs once, before the first task that needs it, and is estimated (per
-unit of its own work, e.g. parameters) and timed the same way.
+Each :class:`Task` states the work it does (e.g. FLOPs x images: one unit for all tasks) and a cost group (tasks
+whose seconds per unit of work are alike, e.g. "throughput fp16 deploy"; the group's first word is its kind, e.g.
+"throughput"). Before a task runs, its cost is estimated from the seconds per unit of work last measured in its group;
+before any task of its group ran, from its ``prior_s``, else from the slowest rate measured in a group of its kind,
+else in any group (a conservative guess). Only the very first task runs without an estimate. A task whose estimate
+does not fit in the time left is dropped and recorded with the figures that dropped it. A task may need a
+:class:`Setup` (e.g. building a model) shared with other tasks: it runs once, before the first task that needs it,
+and is estimated the same way from the setups measured before it (per unit of its own work, e.g. parameters).
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class TimeBudget:
     dropped: list[dict] = field(default_factory=list)
     setups: list[dict] = field(default_factory=list)
     _rates: dict[str, float] = field(default_factory=dict)
+    _setup_rates: dict[str, float] = field(default_factory=dict)
     _values: dict[str, Any] = field(default_factory=dict)
     _failed: dict[str, str] = field(default_factory=dict)
 
@@ -82,29 +83,30 @@ class TimeBudget:
         """Seconds left for tasks (negative once overrun)."""
         return self.seconds - self.reserve_s - self.elapsed()
 
-    def _estimate(self, group: str, work: float, prior_s: float | None) -> float | None:
-        rate = self._rates.get(group)
+    def _estimate(self, group: str, work: float, prior_s: float | None, rates: dict[str, float]) -> float | None:
+        rate = rates.get(group)
         if rate is not None:
             return rate * work
         if prior_s is not None:
             return prior_s
-        kind = _kind(group)  # work is comparable only within a kind: borrow its slowest measured rate
-        rates = [r for g, r in self._rates.items() if _kind(g) == kind]
-        return max(rates) * work if rates else None
+        kind = _kind(group)  # borrow the slowest measured rate of the same kind, else of any kind
+        same = [r for g, r in rates.items() if _kind(g) == kind]
+        borrowed = same or list(rates.values())
+        return max(borrowed) * work if borrowed else None
 
     def estimate(self, task: Task) -> float | None:
         """Estimated seconds of ``task`` including its setup if that has not run; None when nothing is known yet."""
-        est = self._estimate(task.group, task.work, task.prior_s)
+        est = self._estimate(task.group, task.work, task.prior_s, self._rates)
         setup = task.setup
         if setup is not None and setup.key not in self._values and setup.key not in self._failed:
-            setup_est = self._estimate(setup.group, setup.work, None)
+            setup_est = self._estimate(setup.group, setup.work, None, self._setup_rates)
             if setup_est is not None:
                 est = (est or 0.0) + setup_est
         return est
 
-    def _learn(self, group: str, seconds: float, work: float) -> None:
+    def _learn(self, rates: dict[str, float], group: str, seconds: float, work: float) -> None:
         if work > 0:
-            self._rates[group] = seconds / work
+            rates[group] = seconds / work
 
     def run(self, task: Task) -> tuple[bool, Any]:
         """Run ``task`` if its estimate fits in the time left.
@@ -137,7 +139,7 @@ class TimeBudget:
             return True, task.fn(*args)
         finally:
             seconds = self.clock() - t0
-            self._learn(task.group, seconds, task.work)
+            self._learn(self._rates, task.group, seconds, task.work)
             self.done.append({"key": task.key, "group": task.group, "seconds": seconds, "estimate_s": est})
 
     def _setup(self, setup: Setup) -> Any:
@@ -151,7 +153,7 @@ class TimeBudget:
             raise
         finally:
             seconds = self.clock() - t0
-            self._learn(setup.group, seconds, setup.work)
+            self._learn(self._setup_rates, setup.group, seconds, setup.work)
             self.setups.append({"key": setup.key, "seconds": seconds})
         self._values[setup.key] = value
         return value

@@ -90,8 +90,9 @@ def render(report: dict) -> str:
     lines += _throughput_md(report) + _equivalence_md(report) + _export_md(report)
     if budget["dropped"]:
         lines += ["## Dropped to fit the budget", "",
-                  "Rows run cheap first; each is estimated from the seconds per FLOP last measured for its kind of row "
-                  "and dropped when the estimate exceeds the time left.", "",
+                  "Rows run cheap first; each is estimated from the seconds per FLOP last measured for rows like it "
+                  "(before one was measured: the slowest rate so far) and dropped when the estimate exceeds the time "
+                  "left.", "",
                   "| row | estimate (s) | time left (s) | reason |", "|---|---:|---:|---|"]
         lines += [f"| {d['key']} | {_f(d['estimate_s'], '.1f')} | {d['left_s']:.1f} | {d['reason']} |"
                   for d in budget["dropped"]]

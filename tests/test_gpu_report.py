@@ -175,16 +175,16 @@ def test_budget_estimates_from_measured_rates_and_drops_what_would_overrun():
     assert not ran and reason == "estimated 10.0 s, 9.0 s left"
     assert budget.run(Task("fits", "speed fp32", work=8, fn=_work(clock, 5.0)))[0]  # 4 s estimated, 5 s taken
     assert budget.estimate(Task("x", "speed fp32", work=1, fn=_never)) == pytest.approx(5 / 8)  # latest rate wins
-    # an unmeasured group borrows the slowest measured rate of its kind; a prior wins over borrowing; another kind
-    # (other units of work) borrows nothing
+    # an unmeasured group borrows the slowest measured rate of its kind, else of any kind; a prior wins over both
+    assert budget.run(Task("check", "check small", work=1, fn=_work(clock, 1.0)))[0]  # 1 s per unit: slowest
     assert budget.estimate(Task("half", "speed fp16", work=4, fn=_never)) == pytest.approx(4 * 5 / 8)
-    assert budget.estimate(Task("other", "check", work=1e9, fn=_never)) is None
+    assert budget.estimate(Task("other", "engine fp16", work=2, fn=_never)) == pytest.approx(2.0)
     assert not budget.run(Task("engine", "engine fp32", work=1, fn=_never, prior_s=30.0))[0]
     clock.t += 10
     ran, reason = budget.run(Task("late", "speed fp32", work=0.001, fn=_never))
     assert not ran and reason.startswith("no time left")
     assert [d["key"] for d in budget.dropped] == ["big", "engine", "late"]
-    assert [d["key"] for d in budget.done] == ["first", "fits"]
+    assert [d["key"] for d in budget.done] == ["first", "fits", "check"]
 
 
 def test_budget_setups_run_once_are_estimated_and_failures_propagate():
@@ -197,6 +197,7 @@ def test_budget_setups_run_once_are_estimated_and_failures_propagate():
     assert built == [1] and budget.setups[0]["seconds"] == 5.0
     other = Setup("build n", work=30, fn=_never)
     assert budget.estimate(Task("c", "g", work=1, fn=_never, setup=other)) == pytest.approx(15.0)  # 0.5 s/param
+    assert budget.estimate(Task("c", "g", work=1000, fn=_never)) == 0.0  # task rates never borrow setup rates
     budget.release(["build m"])
     assert budget.run(Task("d", "g", work=1, fn=lambda m: m, setup=setup))[0] and built == [1, 1]
 
