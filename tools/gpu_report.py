@@ -124,8 +124,13 @@ def run(args, device: torch.device, budget: TimeBudget) -> dict:
                            lambda m, f=form, p=prec: checks.throughput(
                                m[f], p, device, args.batch, args.size, args.iters, args.warmup), setups[name]),
                       _putter(report["throughput"], name, form, prec)))
+    first_export = len(tasks)
     tasks += _export_tasks(args, device, report, setups, flops)
-    for task, put in tasks:
+    for i, (task, put) in enumerate(tasks):
+        if i == first_export:  # free the GPU memory of the models the engines do not need
+            budget.release(s.key for n, s in setups.items() if n not in args.trt_models)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         print(f"[{budget.elapsed():6.1f} s] {task.key}", file=sys.stderr, flush=True)
         _execute(budget, task, put)
     budget.release(s.key for s in setups.values())
