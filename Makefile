@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint clean gpu-report
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# GPU proof in one command (no venv needed: a GPU machine may have torch and no package index; python3 is used
+# when .venv is absent). Writes gpu_report/report.{md,json,png}; see docs/benchmark.md.
+gpu-report:
+	PYTHONPATH=. $(if $(wildcard $(PY)),$(PY),$(PYTHON)) tools/gpu_report.py --out gpu_report --budget-s 300
 
 lint: $(STAMP)
 	$(PY) -m ruff check repvgg_tools tests tools

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from repvgg_tools.cli.common import Parser, error  # noqa: E402  (needs the path above)
-from repvgg_tools.timing import time_callable  # noqa: E402
+from repvgg_tools.timing import count_flops, time_callable, time_cuda  # noqa: E402
 
 TIMM_NAMES = {"repvgg_a0": "repvgg_a0", "repvgg_a1": "repvgg_a1", "repvgg_a2": "repvgg_a2", "repvgg_b0": "repvgg_b0",
               "repvgg_b1": "repvgg_b1", "repvgg_b1g4": "repvgg_b1g4", "repvgg_b2": "repvgg_b2",
@@ -40,15 +39,6 @@ def matmul_peak(n: int = 2048, iters: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     lat = time_callable(lambda: torch.mm(a, b), iters, 2)["median_ms"]
     return 2 * n**3 / (lat / 1e3) / 1e9
-
-
-def count_flops(model: torch.nn.Module, size: int) -> int:
-    """FLOPs (2 x multiply-adds) of one ``size x size`` image, counted by ``torch.utils.flop_counter``."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, 3, size, size))
-    return counter.get_total_flops()
 
 
 def params(model: torch.nn.Module) -> int:
@@ -212,20 +202,9 @@ def bench_trt(names: list[str], args) -> dict:
             m = deploy.cuda().to(dtype)
             xi = x.to(dtype)
             with torch.inference_mode():
-                for _ in range(args.warmup):
-                    m(xi)
-                torch.cuda.synchronize()
-                times = []
-                for _ in range(max(args.iters, 20)):
-                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    s.record()
-                    m(xi)
-                    e.record()
-                    e.synchronize()
-                    times.append(s.elapsed_time(e))
-            times.sort()
-            res[f"torch eager {prec}"] = {"p50": statistics.median(times), "p90": times[int(0.9 * len(times))],
-                                          "images_per_s": args.batch / (statistics.median(times) / 1e3)}
+                t = time_cuda(lambda m=m, xi=xi: m(xi), max(args.iters, 20), args.warmup)
+            res[f"torch eager {prec}"] = {"p50": t["median_ms"], "p90": t["p90_ms"],
+                                          "images_per_s": args.batch / (t["median_ms"] / 1e3)}
         deploy = deploy.float().cpu()
         if backend is not None:
             with tempfile.TemporaryDirectory() as tmp:
