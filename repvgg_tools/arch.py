@@ -41,6 +41,7 @@ class RepVGGSpec:
     use_1x1: bool = True
     use_identity: bool = True
     name: str | None = None
+    qa: bool = False  # QARepVGG blocks
 
     def _kwargs(self) -> dict:
         kw: dict = {}
@@ -62,6 +63,10 @@ class RepVGGSpec:
         kwargs = {**self._kwargs(), **kwargs}
         if self.name:
             return create_model(self.name, num_classes=self.num_classes, deploy=deploy, **kwargs)
+        if self.qa:
+            from .blocks import QARepVGGBlock
+
+            kwargs.setdefault("block", QARepVGGBlock)
         return RepVGG(self.widths, self.depths, self.layer_groups, num_classes=self.num_classes,
                       se_ratio=self.se_ratio, deploy=deploy, **kwargs)
 
@@ -71,7 +76,8 @@ class RepVGGSpec:
             return f"{self.name} ({extra})" if extra else self.name
         groups = f", layer_groups={self.layer_groups}" if self.layer_groups else ""
         se = f", se_ratio={self.se_ratio:.4g}" if self.se_ratio else ""
-        return (f"custom RepVGG(widths={list(self.widths)}, depths={list(self.depths)}{groups}{se}"
+        family = "QARepVGG" if self.qa else "RepVGG"
+        return (f"custom {family}(widths={list(self.widths)}, depths={list(self.depths)}{groups}{se}"
                 f"{', ' + extra if extra else ''})")
 
 
@@ -86,6 +92,7 @@ def infer_repvgg_spec(sd: Mapping[str, Tensor], blocks: list[Block] | None = Non
     Raises:
         LayoutError: the blocks do not form a RepVGG (missing stem, gaps, inconsistent widths, ...).
     """
+    from .models.qarepvgg import QAREPVGG_CONFIGS
     from .models.repvgg import REPVGG_CONFIGS, groupwise_layers, repvgg_widths
 
     layout = LAYOUTS["ours"]
@@ -102,7 +109,7 @@ def infer_repvgg_spec(sd: Mapping[str, Tensor], blocks: list[Block] | None = Non
     if not contiguous or sum(depths) != len(blocks) or 0 in depths or depths[0] != 1:
         raise LayoutError(f"blocks per stage {depths} do not form the 5 contiguous stages of a RepVGG")
     widths, layer_groups, strides, ses = [], {}, [2] * 5, []
-    has_1x1, missing_identity, in_ch, layer = set(), False, None, 0
+    has_1x1, missing_identity, in_ch, layer, qa = set(), False, None, 0, set()
     for stage in range(5):
         for j in range(depths[stage]):
             b = blocks[(stage, j)]
@@ -119,9 +126,12 @@ def infer_repvgg_spec(sd: Mapping[str, Tensor], blocks: list[Block] | None = Non
                 layer_groups[layer] = in_ch // w.shape[1]
             if not b.deployed:
                 has_1x1.add(b.has("branch_1x1"))
-                if b.has("branch_identity") and j == 0:
+                qa.add(b.has("post_bn"))
+                if b.has("post_bn"):  # QARepVGG's identity has no tensors: it shows neither strides nor ablations
+                    pass
+                elif b.has("branch_identity") and j == 0:
                     strides[stage] = 1
-                if in_ch == out_ch and not b.has("branch_identity") and (j > 0 or strides[stage] == 1):
+                elif in_ch == out_ch and not b.has("branch_identity") and (j > 0 or strides[stage] == 1):
                     missing_identity = True
             if "se.down.weight" in b.keys:
                 ses.append((out_ch, sd[b.keys["se.down.weight"]].shape[0]))
@@ -133,6 +143,8 @@ def infer_repvgg_spec(sd: Mapping[str, Tensor], blocks: list[Block] | None = Non
             in_ch, layer = out_ch, layer + 1
     if len(has_1x1) > 1:
         raise LayoutError("some blocks have a 1x1 branch and some do not")
+    if len(qa) > 1:
+        raise LayoutError("some blocks are QARepVGG blocks (a BatchNorm after the sum) and some are not")
     if ses and len(ses) != len(blocks):
         raise LayoutError("some blocks have squeeze-excitation and some do not")
     se_ratio = _se_ratio(ses)
@@ -141,8 +153,8 @@ def infer_repvgg_spec(sd: Mapping[str, Tensor], blocks: list[Block] | None = Non
     if head is not None and (head.dim() != 2 or head.shape[1] != widths[-1]):
         raise LayoutError(f"head.fc.weight of shape {tuple(head.shape)} does not take {widths[-1]} features")
     spec = RepVGGSpec(tuple(widths), tuple(depths), layer_groups, se_ratio, num_classes, in_chans, tuple(strides),
-                      has_1x1 != {False}, not missing_identity)
-    for name, cfg in REPVGG_CONFIGS.items():
+                      has_1x1 != {False}, not missing_identity, qa=qa == {True})
+    for name, cfg in (QAREPVGG_CONFIGS if spec.qa else REPVGG_CONFIGS).items():
         if (tuple(repvgg_widths(cfg.a, cfg.b)) == spec.widths and tuple(cfg.depths) == spec.depths
                 and groupwise_layers(cfg.groups, cfg.depths) == layer_groups
                 and all(max(1, int(c * cfg.se_ratio)) == r for c, r in ses) and bool(cfg.se_ratio) == bool(ses)):

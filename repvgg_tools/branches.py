@@ -40,22 +40,26 @@ class BranchBN:
 
 @dataclass
 class Branch:
-    """``BN(conv(x))``: a kernel ``(C_out, C_in/groups, k, k)``, an optional conv bias, and the BatchNorm."""
+    """``BN(conv(x))``: a kernel ``(C_out, C_in/groups, k, k)``, an optional conv bias, and the BatchNorm (``None``
+    for a bare conv: QARepVGG's 1x1)."""
 
     kernel: Tensor
     bias: Tensor | None
-    bn: BranchBN
+    bn: BranchBN | None
 
 
 @dataclass
 class BlockParts:
-    """A training block: the main kxk branch, the optional 1x1 branch, the optional identity BatchNorm (with the
-    number of groups of the block, which shapes its one-hot kernel)."""
+    """A training block: the main kxk branch, the optional 1x1 branch, the identity branch (``identity``; with its
+    BatchNorm ``identity_bn`` in RepVGG, bare in QARepVGG), the block's groups (they shape the one-hot kernel), and
+    QARepVGG's BatchNorm after the sum (``post_bn``)."""
 
     main: Branch
     side: Branch | None
-    identity: BranchBN | None
+    identity: bool
+    identity_bn: BranchBN | None
     groups: int
+    post_bn: BranchBN | None = None
 
     @property
     def in_channels(self) -> int:
@@ -81,8 +85,13 @@ def read_bn(sd: Mapping[str, Tensor], keys: Mapping[str, str], role: str, channe
     return bn
 
 
-def block_parts(sd: Mapping[str, Tensor], b: Block) -> BlockParts:
+def block_parts(sd: Mapping[str, Tensor], b: Block, in_channels: int | None = None, stride: int | None = None
+                ) -> BlockParts:
     """The branches of a training block, validated; errors name the block's keys as the file spells them.
+
+    A QARepVGG block (a BatchNorm after the sum) has a bare identity branch with no tensors: it exists, as in the
+    reference implementation, when the block keeps its channels (``in_channels``, else the 3x3 kernel's input
+    channels with groups 1) at stride 1 (``stride``, else 1).
 
     Raises:
         ConversionError: shapes that do not form a RepVGG block, or bad BatchNorm statistics.
@@ -96,26 +105,32 @@ def block_parts(sd: Mapping[str, Tensor], b: Block) -> BlockParts:
     main = Branch(w, sd.get(keys.get("branch_3x3.conv.bias", "")),
                   read_bn(sd, keys, "branch_3x3.bn", c_out, b.module("branch_3x3.bn")))
     side = None
-    if "branch_1x1.conv.weight" in keys:
-        w1 = sd[keys["branch_1x1.conv.weight"]]
+    if "branch_1x1.conv.weight" in keys or "branch_1x1.weight" in keys:
+        qa = "branch_1x1.weight" in keys
+        key = keys["branch_1x1.weight" if qa else "branch_1x1.conv.weight"]
+        w1 = sd[key]
         if tuple(w1.shape) != (c_out, w.shape[1], 1, 1):
-            raise ConversionError(f"{keys['branch_1x1.conv.weight']} has shape {tuple(w1.shape)}, expected "
-                                  f"{(c_out, w.shape[1], 1, 1)}")
-        side = Branch(w1, sd.get(keys.get("branch_1x1.conv.bias", "")),
-                      read_bn(sd, keys, "branch_1x1.bn", c_out, b.module("branch_1x1.bn")))
+            raise ConversionError(f"{key} has shape {tuple(w1.shape)}, expected {(c_out, w.shape[1], 1, 1)}")
+        side = Branch(w1, None if qa else sd.get(keys.get("branch_1x1.conv.bias", "")),
+                      None if qa else read_bn(sd, keys, "branch_1x1.bn", c_out, b.module("branch_1x1.bn")))
     elif b.has("branch_1x1"):
         raise ConversionError(f"{b.module('branch_1x1.bn')} exists but {b.module('branch_1x1.conv')}.weight does not")
-    identity, groups = None, 1
+    post_bn = read_bn(sd, keys, "post_bn", c_out, b.module("post_bn")) if b.has("post_bn") else None
+    identity, identity_bn, groups = False, None, 1
     if b.has("branch_identity"):
         if c_out % w.shape[1]:
             raise ConversionError(f"{b.module('branch_identity')}: an identity branch needs equal input and output "
                                   f"channels, but {keys['branch_3x3.conv.weight']} has shape {tuple(w.shape)}")
-        groups = c_out // w.shape[1]
-        identity = read_bn(sd, keys, "branch_identity", c_out, b.module("branch_identity"))
+        identity, groups = True, c_out // w.shape[1]
+        identity_bn = read_bn(sd, keys, "branch_identity", c_out, b.module("branch_identity"))
+    elif post_bn is not None:
+        c_in = in_channels if in_channels is not None else w.shape[1]
+        groups = c_in // w.shape[1] if c_in % w.shape[1] == 0 else 1
+        identity = c_in == c_out and (stride or 1) == 1
     for branch, role in ((main, "branch_3x3.conv.bias"), (side, "branch_1x1.conv.bias")):
         if branch is not None and branch.bias is not None and tuple(branch.bias.shape) != (c_out,):
             raise ConversionError(f"{keys[role]} has shape {tuple(branch.bias.shape)}, expected ({c_out},)")
-    return BlockParts(main, side, identity, groups)
+    return BlockParts(main, side, identity, identity_bn, groups, post_bn)
 
 
 def fuse_into(out_w: Tensor, out_b: Tensor, parts: BlockParts, eps: float, where: str) -> None:
@@ -126,17 +141,21 @@ def fuse_into(out_w: Tensor, out_b: Tensor, parts: BlockParts, eps: float, where
         ConversionError: NaN or Inf in a conv weight (names ``where``).
     """
     w = parts.main.kernel
-    # one byte per element: the one-hot kernel is exact in any dtype, and fuse_conv_bn computes in float64
-    eye = (fusion.identity_kernel(w.shape[0], 1, parts.groups, torch.uint8, w.device)
-           if parts.identity is not None else None)
+    # one byte per element: the one-hot kernel is exact in any dtype, and the fusion computes in float64
+    eye = fusion.identity_kernel(w.shape[0], 1, parts.groups, torch.uint8, w.device) if parts.identity else None
     step = max(1, CHUNK_ELEMENTS // max(1, w[0].numel()))
     for start in range(0, w.shape[0], step):
         sl = slice(start, min(start + step, w.shape[0]))
-        branches = [(b.kernel[sl], None if b.bias is None else b.bias[sl], b.bn.fusion_args(eps, sl))
+        branches = [(b.kernel[sl], None if b.bias is None else b.bias[sl],
+                     None if b.bn is None else b.bn.fusion_args(eps, sl))
                     for b in (parts.main, parts.side) if b is not None]
         if eye is not None:
-            branches.append((eye[sl], None, parts.identity.fusion_args(eps, sl)))
-        k, b = fusion.fuse_branches(branches, dtype=torch.float64)
+            branches.append((eye[sl].double(), None,
+                             None if parts.identity_bn is None else parts.identity_bn.fusion_args(eps, sl)))
+        if parts.post_bn is None:
+            k, b = fusion.fuse_branches(branches, dtype=torch.float64)
+        else:
+            k, b = fusion.fuse_branches_bn(branches, parts.post_bn.fusion_args(eps, sl), dtype=torch.float64)
         # NaN/Inf in any conv weight survives fusion (x*0 is NaN for them), so one pass over the result finds it
         if not bool(torch.isfinite(k).all()):
             raise ConversionError(f"{where}: the conv weights contain NaN or Inf values")

@@ -231,7 +231,10 @@ def _convert_repvgg(job: _Job, src: Layout, dst: Layout, detected, arch, hints, 
         raise ConversionError(f"a {src.name} checkpoint converts to its own layout only, not {dst.name}")
     standalone = is_standalone(sd, blocks, src)
     training = [b for b in blocks if not b.deployed]
-    parts = {b.prefix: block_parts(sd, b) for b in training}  # validates every block before anything changes
+    context = _block_context(sd, blocks, src, hints) if standalone and src.modelable else {}
+    # validates every block before anything changes
+    parts = {b.prefix: block_parts(sd, b, *context.get(b.prefix, (None, None))) for b in training}
+    qa_guessed = not context and any(p.post_bn is not None for p in parts.values())
     job.dtype = next(iter(parts.values())).main.kernel.dtype if parts else _first_float_dtype(sd)
     report = ConversionReport(src.name, dst.name, blocks_already_deployed=len(blocks) - len(training))
     ours_prefix = {b.prefix: map_block_prefix(b.prefix, src, OURS, standalone) for b in blocks}
@@ -283,12 +286,38 @@ def _convert_repvgg(job: _Job, src: Layout, dst: Layout, detected, arch, hints, 
             name = block_key(new_prefix, dst.key(role))
             out[name], ours[name] = t, block_key(ours_prefix[b.prefix], OURS.key(role))
         job.consume(b.keys, ("branch_3x3.conv.weight",) + tuple(r for r in b.keys if r.startswith("se.")))
+    if qa_guessed:
+        report.notes.append("QARepVGG blocks carry no identity tensors: outside a standalone classifier a block is "
+                            "taken to have its identity branch when its 3x3 kernel keeps the channels (groups 1, "
+                            "stride 1), the reference rule")
     if dropped_aux:
         report.notes.append(f"dropped {dropped_aux} tensors of the auxiliary classifiers (training only; the "
                             f"{src.name} deploy form has none)")
     if verifier is not None:
         verifier.finish(report, lambda: {ours[k]: v for k, v in out.items()})
     return _Converted(out, report, model_arch, ours)
+
+
+def _block_context(sd: Mapping[str, Tensor], blocks: list[Block], layout: Layout,
+                   hints: ArchHints) -> dict[str, tuple[int, int]]:
+    """``prefix -> (input channels, stride)`` of the blocks of a standalone RepVGG, from their order and the stride
+    schedule (QARepVGG's identity branch has no tensors: these tell whether a block has one)."""
+    from .features import output_stride_schedule
+
+    kw = hints.model_kwargs
+    try:
+        strides, _ = output_stride_schedule(kw.get("strides", (2,) * 5), kw.get("dilations", (1,) * 5),
+                                            kw.get("output_stride"))
+    except (TypeError, ValueError) as exc:
+        raise ConversionError(f"the checkpoint's model_kwargs {dict(kw)} do not fit a RepVGG ({exc})") from None
+    positions = sorted((layout.parse_position(b.prefix)[1:], b) for b in blocks)
+    context, in_ch = {}, None
+    for (stage, j), b in positions:
+        w = sd[b.keys["reparam.weight" if b.deployed else "branch_3x3.conv.weight"]]
+        in_ch = w.shape[1] if in_ch is None else in_ch
+        context[b.prefix] = (in_ch, strides[stage] if j == 0 and stage < len(strides) else 1)
+        in_ch = w.shape[0]
+    return context
 
 
 def _first_float_dtype(sd: Mapping[str, Tensor]) -> torch.dtype:

@@ -119,18 +119,18 @@ def _bn(x: Tensor, bn: BranchBN, eps: float) -> Tensor:
 
 
 def block_reference(x: Tensor, parts: BlockParts, eps: float) -> Tensor:
-    """A training block's branch sum (before its activation) at stride 1 and dilation 1, in float64, computed with
-    ``F.conv2d``/``F.batch_norm`` only (no fusion code)."""
+    """A training block's branch sum (with QARepVGG's BatchNorm after it; before the activation) at stride 1 and
+    dilation 1, in float64, computed with ``F.conv2d``/``F.batch_norm`` only (no fusion code)."""
     out = None
     for branch in (parts.main, parts.side):
         if branch is not None:
             y = F.conv2d(x, _f64(branch.kernel), _f64(branch.bias), padding=branch.kernel.shape[-1] // 2,
                          groups=x.shape[1] // branch.kernel.shape[1])
-            y = _bn(y, branch.bn, eps)
+            y = y if branch.bn is None else _bn(y, branch.bn, eps)
             out = y if out is None else out + y
-    if parts.identity is not None:
-        out = out + _bn(x, parts.identity, eps)
-    return out
+    if parts.identity:
+        out = out + (x if parts.identity_bn is None else _bn(x, parts.identity_bn, eps))
+    return out if parts.post_bn is None else _bn(out, parts.post_bn, eps)
 
 
 def _float64_state_dict(model: nn.Module, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:

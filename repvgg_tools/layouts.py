@@ -42,6 +42,8 @@ ROLES: dict[str, tuple[str, ...]] = {
     "branch_3x3.conv": CONV_PARAMS, "branch_3x3.bn": BN_PARAMS,
     "branch_1x1.conv": CONV_PARAMS, "branch_1x1.bn": BN_PARAMS,
     "branch_identity": BN_PARAMS,
+    # QARepVGG: a plain 1x1 conv (no BatchNorm, no bias) and one BatchNorm after the branch sum
+    "branch_1x1": ("weight",), "post_bn": BN_PARAMS,
     "se.down": CONV_PARAMS, "se.up": CONV_PARAMS,
     "reparam": CONV_PARAMS,
 }
@@ -88,12 +90,19 @@ class Layout:
 
     def __post_init__(self) -> None:
         # this layout's key suffix inside a block -> ours ("rbr_dense.bn.weight" -> "branch_3x3.bn.weight")
-        table = {f"{self.modules[role]}.{p}": f"{role}.{p}" for role, params in ROLES.items() for p in params}
+        table = {f"{self.modules[role]}.{p}": f"{role}.{p}" for role, params in ROLES.items() for p in params
+                 if role in self.modules}
         object.__setattr__(self, "suffixes", table)
 
     def key(self, role_param: str) -> str:
-        """This layout's suffix for our ``role.param`` (``"branch_3x3.conv.weight"``)."""
+        """This layout's suffix for our ``role.param`` (``"branch_3x3.conv.weight"``).
+
+        Raises:
+            LayoutError: the layout has no such module (QARepVGG's in the timm layout).
+        """
         role, _, param = role_param.rpartition(".")
+        if role not in self.modules:
+            raise LayoutError(f"the {self.name} layout has no {role} (QARepVGG blocks convert to ours or official)")
         return f"{self.modules[role]}.{param}"
 
     def stage_name(self, stage: int, index: int) -> str:
@@ -112,6 +121,9 @@ class Layout:
 
 
 _OURS_MODULES = {role: role for role in ROLES}
+# QARepVGG's reference implementation (QARepVGGBlockV2) and YOLOv6's QARepVGGBlock: rbr_1x1 is a bare conv, bn the
+# BatchNorm after the sum
+_QA_OFFICIAL = {"branch_1x1": "rbr_1x1", "post_bn": "bn"}
 LAYOUTS: dict[str, Layout] = {
     "ours": Layout("ours", _OURS_MODULES, "stem", r"stages\.(?P<s>\d+)\.(?P<j>\d+)", 0, "stages.{s}.{j}", "",
                    "head.fc"),
@@ -119,7 +131,7 @@ LAYOUTS: dict[str, Layout] = {
         "official",
         {"branch_3x3.conv": "rbr_dense.conv", "branch_3x3.bn": "rbr_dense.bn", "branch_1x1.conv": "rbr_1x1.conv",
          "branch_1x1.bn": "rbr_1x1.bn", "branch_identity": "rbr_identity", "se.down": "se.down", "se.up": "se.up",
-         "reparam": "rbr_reparam"},
+         "reparam": "rbr_reparam", **_QA_OFFICIAL},
         "stage0", r"stage(?P<s>[1-9]\d*)\.(?P<j>\d+)", 1, "stage{s}.{j}", "", "linear"),
     "timm": Layout(
         "timm",
