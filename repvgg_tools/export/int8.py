@@ -1,0 +1,432 @@
+"""The int8 path as one library call: calibrate, quantize (TensorRT Q/DQ), verify on held-out images, report.
+
+:func:`export_int8` is what ``repvgg-export --precision int8`` runs, so a Python caller gets the same checks:
+
+1. calibrate on the calibration images of a :class:`CalibrationSource` (:mod:`repvgg_tools.export.qdq`);
+2. insert TensorRT-style Q/DQ and check their placement (:func:`~repvgg_tools.export.qdq.check_tensorrt_qdq`);
+3. run the Q/DQ graph *as written* on onnxruntime CPU (``exact_qdq``: onnxruntime's fused int8 kernels are wrong
+   on x86 CPUs without VNNI, so their figures are reported, never enforced) on the source's *held-out* images, which
+   never overlap the calibration images, and compare with the fp32 model;
+4. fail below the :class:`Int8Floors`.
+
+Floors, and why (figures measured with ``tests/test_int8.py``'s tiny RepVGG trained on digits at 16x16 and a
+``repvgg_a0`` trained two epochs on digits at 32x32; ``docs/deploy.md`` has the table):
+
+- ``min_top1 = 0.95`` (top-1 agreement of int8 with fp32). Correct int8 models agree on 98.9% (both models);
+  calibrating on the wrong distribution (uniform noise in [0, 1] instead of standardized digits) gives 91.6-92.8%,
+  a 100x activation or weight scale 24-90%, calibration on images 100x too dark 10%. 0.95 sits between, 4 standard
+  errors below the correct 98.9% at the default 128 held-out images; at the 64-image minimum a correct model with
+  98.9% expected agreement still fails only 0.6% of the time (4 or more disagreements).
+- ``min_cosine = 0.99`` (mean over held-out images of the cosine similarity of int8 and fp32 logits). Correct:
+  0.9989-0.9995; uniform-noise calibration 0.949-0.980; a 100x scale <= 0.92.
+- ``min_feature_cosine = 0.97`` (feature exports: the same, per output map, the worst map counts). Correct A0 stage
+  maps: 0.989-0.999 (deeper maps are lower, and bigger models are deeper); uniform-noise calibration 0.913-0.953.
+- ``max_rel_error = 0.3`` (mean over images of ``||int8 - fp32|| / ||fp32||``, per map). Cosine and top-1 cannot
+  see magnitude: a 100x scale on the classifier's weights keeps both (98.9%, 0.999) and multiplies the logits by
+  100. Correct: 0.03-0.05 for logits, 0.05-0.14 for A0 feature maps; wrong calibration 0.32-0.39.
+
+A check that passes says the int8 file computes what the fp32 model computes *on images like the calibration
+source*; it cannot say that the source matches your deployment data. A synthetic source (random images, for smoke
+tests) makes even that statement empty: the report says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .precision import PrecisionError
+
+__all__ = [
+    "MIN_HELD_OUT", "Int8Floors", "CalibrationSource", "Int8Report", "int8_metrics", "is_digits_model",
+    "verify_int8", "export_int8",
+]
+
+log = logging.getLogger(__name__)
+
+MIN_HELD_OUT = 64  # fewer, and a correct model fails the 0.95 top-1 floor by chance too often (module doc)
+DIGITS_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class Int8Floors:
+    """Pass/fail limits of the int8 check (module docstring: values and reasoning)."""
+
+    min_top1: float = 0.95
+    min_cosine: float = 0.99
+    min_feature_cosine: float = 0.97
+    max_rel_error: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_top1 <= 1:
+            raise PrecisionError(f"the top-1 agreement floor must be in [0, 1], not {self.min_top1}")
+        for name in ("min_cosine", "min_feature_cosine"):
+            if not -1 <= getattr(self, name) <= 1:
+                raise PrecisionError(f"the cosine floor must be in [-1, 1], not {getattr(self, name)}")
+        if not self.max_rel_error >= 0:
+            raise PrecisionError(f"the relative-error limit must be >= 0, not {self.max_rel_error}")
+
+
+def _digests(images: np.ndarray) -> list[bytes]:
+    return [hashlib.blake2b(np.ascontiguousarray(img).tobytes(), digest_size=16).digest() for img in images]
+
+
+@dataclass(frozen=True)
+class CalibrationSource:
+    """Calibration images and held-out verification images from one distribution; the two never share an image.
+
+    Build one with :meth:`digits`, :meth:`folder`, :meth:`noise` (synthetic) or :meth:`from_arrays`.
+
+    Attributes:
+        name: what the images are (``digits``, a directory, ``synthetic``).
+        calibration: ``(N, C, H, W)`` float32, preprocessed like the model's inputs.
+        held_out: ``(M, C, H, W)`` float32 images for the check.
+        held_out_labels: class labels of ``held_out`` when known (accuracy is then reported).
+        synthetic: random images: the check then says nothing about accuracy on real data.
+    """
+
+    name: str
+    calibration: np.ndarray
+    held_out: np.ndarray
+    held_out_labels: np.ndarray | None = None
+    synthetic: bool = False
+
+    def __post_init__(self) -> None:
+        for what, arr in (("calibration", self.calibration), ("held-out", self.held_out)):
+            if arr.ndim != 4:
+                raise PrecisionError(f"{what} images must be (N, C, H, W), not {tuple(arr.shape)}")
+        if len(self.calibration) == 0:
+            raise PrecisionError("no calibration images")
+        if len(self.held_out) and self.calibration.shape[1:] != self.held_out.shape[1:]:
+            raise PrecisionError(f"calibration images are {tuple(self.calibration.shape[1:])}, held-out images "
+                                 f"{tuple(self.held_out.shape[1:])}")
+        if self.held_out_labels is not None and len(self.held_out_labels) != len(self.held_out):
+            raise PrecisionError("held-out labels and images differ in count")
+        if set(_digests(self.calibration)) & set(_digests(self.held_out)):
+            raise PrecisionError("held-out images overlap the calibration images")
+
+    @classmethod
+    def from_arrays(cls, name: str, calibration: np.ndarray, held_out: np.ndarray,
+                    held_out_labels: np.ndarray | None = None, *, synthetic: bool = False,
+                    min_held_out: int = MIN_HELD_OUT) -> CalibrationSource:
+        """A source from arrays; held-out images equal to a calibration image are dropped first.
+
+        Raises:
+            PrecisionError: fewer than ``min_held_out`` held-out images remain, or bad shapes.
+        """
+        calibration = np.ascontiguousarray(calibration, dtype=np.float32)
+        held_out = np.ascontiguousarray(held_out, dtype=np.float32)
+        seen = set(_digests(calibration))
+        keep = np.array([d not in seen for d in _digests(held_out)], dtype=bool)
+        if not keep.all():
+            log.warning("%s: %d held-out images equal a calibration image and are not used", name, (~keep).sum())
+            held_out = held_out[keep]
+            held_out_labels = None if held_out_labels is None else np.asarray(held_out_labels)[keep]
+        if len(held_out) < min_held_out:
+            raise PrecisionError(f"{name}: only {len(held_out)} held-out images for the int8 check, at least "
+                                 f"{min_held_out} needed (images not used for calibration): add images, lower "
+                                 "--calib-samples or raise --verify-samples")
+        return cls(name, calibration, held_out, held_out_labels, synthetic)
+
+    @classmethod
+    def digits(cls, input_size: int, channels: int = 3, calib_samples: int = 64, verify_samples: int = 128,
+               min_held_out: int = MIN_HELD_OUT) -> CalibrationSource:
+        """The bundled digits set: calibration from its training split, held-out images from its validation split.
+
+        Raises:
+            PrecisionError: not a 1- or 3-channel model, or more images asked than the splits hold.
+        """
+        from .precision import digits_images
+
+        if channels not in (1, 3):
+            raise PrecisionError(f"the digits set needs a 1- or 3-channel model, not {channels} channels")
+        _check_counts(calib_samples, verify_samples)
+        calib = digits_images("train", input_size, channels)[0]
+        if calib_samples > len(calib):
+            raise PrecisionError(f"the digits training split has {len(calib)} images, not {calib_samples}")
+        held, labels = digits_images("val", input_size, channels, verify_samples)
+        return cls.from_arrays("digits", calib[:calib_samples], held, labels, min_held_out=min_held_out)
+
+    @classmethod
+    def folder(cls, root: str | os.PathLike, input_size: int, channels: int = 3, calib_samples: int = 64,
+               verify_samples: int = 128, seed: int = 0, min_held_out: int = MIN_HELD_OUT) -> CalibrationSource:
+        """Images under ``root``, shuffled with ``seed`` (an ImageFolder tree lists one class after another) and
+        split by file: the first ``calib_samples`` calibrate, the next ``verify_samples`` are held out.
+
+        Raises:
+            PrecisionError: no such directory, no or unreadable images, or too few images left for the check.
+        """
+        from .precision import image_files, load_images
+
+        _check_counts(calib_samples, verify_samples)
+        files = image_files(root)
+        order = np.random.default_rng(seed).permutation(len(files))
+        calib_files = [files[i] for i in order[:calib_samples]]
+        held_files = [files[i] for i in order[calib_samples:calib_samples + verify_samples]]
+        if len(held_files) < min_held_out:
+            raise PrecisionError(f"{root}: {len(files)} images; {len(calib_files)} for calibration leave "
+                                 f"{len(held_files)} for the int8 check, at least {min_held_out} needed: add images "
+                                 f"or lower --calib-samples")
+        return cls.from_arrays(str(root), load_images(calib_files, input_size, channels),
+                               load_images(held_files, input_size, channels), min_held_out=min_held_out)
+
+    @classmethod
+    def noise(cls, input_size: int, channels: int = 3, calib_samples: int = 64, verify_samples: int = 128,
+              seed: int = 0) -> CalibrationSource:
+        """Standard-normal random images, for smoke tests only: the check then says nothing about accuracy."""
+        _check_counts(calib_samples, verify_samples)
+        rng = np.random.default_rng(seed)
+        shape = (calib_samples + verify_samples, channels, input_size, input_size)
+        images = rng.standard_normal(shape, dtype=np.float32)
+        return cls.from_arrays("synthetic", images[:calib_samples], images[calib_samples:], synthetic=True,
+                               min_held_out=0)
+
+
+def _check_counts(calib_samples: int, verify_samples: int) -> None:
+    if calib_samples < 1 or verify_samples < 1:
+        raise PrecisionError(f"--calib-samples and --verify-samples must be >= 1, not {calib_samples} and "
+                             f"{verify_samples}")
+
+
+def is_digits_model(model: Any, input_size: int = 32) -> bool:
+    """Whether a PyTorch model has the shape of our digits demo models, for which the digits set is the default
+    calibration source: a classifier (one ``(N, 10)`` output) whose first convolution takes 1 or 3 channels.
+
+    This is a guess from shapes: a CIFAR-10 model has the same shape. Its only use is to choose a default; any
+    other model needs an explicit calibration source.
+    """
+    import torch
+    from torch import nn
+
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None or conv.in_channels not in (1, 3):
+        return False
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(1, conv.in_channels, input_size, input_size))
+    return isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == DIGITS_CLASSES
+
+
+def int8_metrics(candidate: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> dict:
+    """Agreement of int8 outputs with fp32 outputs (lists of arrays, first axis = sample).
+
+    Returns:
+        ``samples``, ``finite``, ``classifier`` (one 2-D output), ``max_rel`` (``max|a-b| / max|b|``); for a
+        classifier ``top1_agreement``, ``cosine_mean``, ``cosine_min``, ``rel_error``; otherwise per output map
+        ``feature_cosine`` (mean per-sample cosine) and ``feature_rel_error`` (mean ``||a-b|| / ||b||``).
+    """
+    if len(candidate) != len(reference):
+        raise PrecisionError(f"outputs differ in count: {len(candidate)} vs {len(reference)}")
+    cand = [np.asarray(c, dtype=np.float64) for c in candidate]
+    ref = [np.asarray(r, dtype=np.float64) for r in reference]
+    for c, r in zip(cand, ref, strict=True):
+        if c.shape != r.shape:
+            raise PrecisionError(f"output shapes differ: {tuple(c.shape)} vs {tuple(r.shape)}")
+    n = ref[0].shape[0]
+    classifier = len(ref) == 1 and ref[0].ndim == 2
+    finite = all(np.isfinite(a).all() for a in cand + ref)
+    result: dict[str, Any] = {"samples": int(n), "finite": bool(finite), "classifier": classifier}
+    if not finite:
+        return result
+    scale = max(float(np.abs(r).max()) if r.size else 0.0 for r in ref)
+    max_abs = max(float(np.abs(c - r).max()) if r.size else 0.0 for c, r in zip(cand, ref, strict=True))
+    result["max_rel"] = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    cosines, rel_errors = [], []
+    for c, r in zip(cand, ref, strict=True):
+        c2, r2 = c.reshape(n, -1), r.reshape(n, -1)
+        nc, nr = np.linalg.norm(c2, axis=1), np.linalg.norm(r2, axis=1)
+        both = (nc > 0) & (nr > 0)
+        cos = np.where(both, (c2 * r2).sum(1) / np.where(both, nc * nr, 1.0), np.where((nc == 0) & (nr == 0), 1, 0))
+        diff = np.linalg.norm(c2 - r2, axis=1)
+        rel = np.where(nr > 0, diff / np.where(nr > 0, nr, 1.0), np.where(diff == 0, 0.0, np.inf))
+        cosines.append(cos)
+        rel_errors.append(rel)
+    if classifier:
+        result.update(top1_agreement=float((cand[0].argmax(1) == ref[0].argmax(1)).mean()),
+                      cosine_mean=float(cosines[0].mean()), cosine_min=float(cosines[0].min()),
+                      rel_error=float(rel_errors[0].mean()))
+    else:
+        result.update(feature_cosine=[float(c.mean()) for c in cosines],
+                      feature_cosine_min=[float(c.min()) for c in cosines],
+                      feature_rel_error=[float(r.mean()) for r in rel_errors])
+    return result
+
+
+def _failures(metrics: dict, floors: Int8Floors) -> list[str]:
+    if not metrics["finite"]:
+        return ["outputs contain NaN or Inf"]
+    out = []
+    if metrics["classifier"]:
+        if metrics["top1_agreement"] < floors.min_top1:
+            out.append(f"top-1 agreement {metrics['top1_agreement']:.1%} < {floors.min_top1:.1%}")
+        if metrics["cosine_mean"] < floors.min_cosine:
+            out.append(f"logit cosine {metrics['cosine_mean']:.4f} < {floors.min_cosine}")
+        if metrics["rel_error"] > floors.max_rel_error:
+            out.append(f"relative error {metrics['rel_error']:.3g} > {floors.max_rel_error}")
+        return out
+    for i, (cos, rel) in enumerate(zip(metrics["feature_cosine"], metrics["feature_rel_error"], strict=True)):
+        if cos < floors.min_feature_cosine:
+            out.append(f"output {i} cosine {cos:.4f} < {floors.min_feature_cosine}")
+        if rel > floors.max_rel_error:
+            out.append(f"output {i} relative error {rel:.3g} > {floors.max_rel_error}")
+    return out
+
+
+@dataclass
+class Int8Report:
+    """What :func:`export_int8` measured and decided; ``to_dict()`` is JSON-ready, ``summary()`` one line."""
+
+    source: str
+    method: str
+    calibration_samples: int
+    synthetic: bool
+    floors: Int8Floors
+    verified: bool = False
+    held_out_samples: int = 0
+    metrics: dict = field(default_factory=dict)
+    accuracy: dict | None = None
+    onnxruntime_int8_kernels: dict | None = None
+    placement_problems: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """True when verified and nothing failed (an unverified export is not a pass)."""
+        return self.verified and not self.failures
+
+    def summary(self) -> str:
+        """One line: the enforced figures and, when it failed, why."""
+        m = self.metrics
+        if not self.verified:
+            return "not verified"
+        if not m.get("finite", False):
+            text = "outputs contain NaN or Inf"
+        elif m["classifier"]:
+            text = (f"top-1 agreement {m['top1_agreement']:.1%}, logit cosine {m['cosine_mean']:.4f}, "
+                    f"relative error {m['rel_error']:.3g}")
+        else:
+            text = (f"per-map cosine {', '.join(f'{c:.4f}' for c in m['feature_cosine'])}, relative error "
+                    f"{', '.join(f'{r:.3g}' for r in m['feature_rel_error'])}")
+        if self.synthetic:
+            text += " (synthetic calibration: a smoke test, says nothing about accuracy)"
+        return text + (f"; below the floors: {'; '.join(self.failures)}" if self.failures else "")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(passed=self.passed, summary=self.summary())
+        return d
+
+
+def _batches(images: np.ndarray, fixed: int, size: int = 16) -> list[np.ndarray]:
+    """Batches of ``size`` (a fixed-batch model: of its batch, dropping the remainder)."""
+    if fixed > 0:
+        images = images[: len(images) - len(images) % fixed]
+        size = fixed
+    return [images[i:i + size] for i in range(0, len(images), size)]
+
+
+def _run(session: Any, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+    from .onnx import run_onnx
+
+    outs = [run_onnx(session, b) for b in batches]
+    return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
+
+
+def verify_int8(proto_int8: Any, reference: Any, held_out: np.ndarray, *, floors: Int8Floors = Int8Floors(),
+                labels: np.ndarray | None = None) -> tuple[dict, list[str], dict | None, dict]:
+    """Compare an int8 Q/DQ model with its fp32 reference on held-out images.
+
+    Args:
+        proto_int8: the int8 ``onnx.ModelProto``; run with its Q/DQ nodes as written (``exact_qdq``).
+        reference: the fp32 PyTorch model, or the fp32 ``onnx.ModelProto`` (run on onnxruntime).
+        held_out: images not used for calibration.
+        floors: pass/fail limits.
+        labels: class labels of ``held_out``, for the accuracy figures.
+
+    Returns:
+        ``(metrics, failures, accuracy, kernel_metrics)``: :func:`int8_metrics` of the Q/DQ graph, the floors it
+        misses (empty: passed), top-1 accuracy of fp32 / int8 / onnxruntime's fused int8 kernels when ``labels``
+        are given (else None), and the metrics of onnxruntime's fused int8 CPU kernels (reported, not enforced).
+
+    Raises:
+        PrecisionError: no held-out images (or fewer than a fixed batch), or outputs that do not match.
+    """
+    import torch
+
+    from .onnx import onnx_session, torch_outputs
+
+    fixed = proto_int8.graph.input[0].type.tensor_type.shape.dim[0].dim_value
+    batches = _batches(np.ascontiguousarray(held_out, dtype=np.float32), fixed)
+    if not batches:
+        raise PrecisionError(f"no held-out images to verify on ({len(held_out)}, fixed batch {fixed})")
+    n = sum(len(b) for b in batches)
+    if isinstance(reference, torch.nn.Module):
+        per_batch = torch_outputs(reference, [torch.from_numpy(b) for b in batches])
+        ref = [np.concatenate([o[i] for o in per_batch]) for i in range(len(per_batch[0]))]
+    else:
+        ref = _run(onnx_session(reference), batches)
+    exact = _run(onnx_session(proto_int8, exact_qdq=True), batches)
+    kernels = _run(onnx_session(proto_int8), batches)
+    metrics = int8_metrics(exact, ref)
+    kernel_metrics = int8_metrics(kernels, ref)
+    accuracy = None
+    if labels is not None and metrics["classifier"]:
+        y = np.asarray(labels)[:n]
+        accuracy = {name: float((out[0].argmax(1) == y).mean()) for name, out in
+                    (("fp32", ref), ("int8", exact), ("onnxruntime_int8_kernels", kernels))}
+    return metrics, _failures(metrics, floors), accuracy, kernel_metrics
+
+
+def export_int8(model: Any, proto_fp32: Any, calib: CalibrationSource, *, method: str = "minmax",
+                floors: Int8Floors = Int8Floors(), reduce_range: bool = False, verify: bool = True,
+                batch_size: int = 16) -> tuple[Any, Int8Report]:
+    """Calibrate, quantize to TensorRT-style int8 Q/DQ, verify on held-out images and report.
+
+    Args:
+        model: the fp32 PyTorch model ``proto_fp32`` was exported from (the reference), or None to use
+            ``proto_fp32`` on onnxruntime as the reference.
+        proto_fp32: its fp32 ``onnx.ModelProto``.
+        calib: calibration and held-out images (:class:`CalibrationSource`).
+        method: ``minmax``, ``entropy`` or ``percentile``.
+        floors: pass/fail limits of the check.
+        reduce_range: 7-bit weights (for onnxruntime's fused CPU kernels on x86 without VNNI).
+        verify: run the check (else the report is marked not verified and ``passed`` is False).
+        batch_size: calibration batch size (a fixed-batch model uses its own).
+
+    Returns:
+        ``(int8 proto, report)``. The caller decides what a failed report means; ``repvgg-export`` writes nothing.
+
+    Raises:
+        PrecisionError: unusable calibration data or method.
+    """
+    from .precision import quantize_int8
+    from .qdq import check_tensorrt_qdq
+
+    start = time.perf_counter()
+    proto = quantize_int8(proto_fp32, calib.calibration, batch_size=batch_size, method=method,
+                          reduce_range=reduce_range)
+    fixed = proto_fp32.graph.input[0].type.tensor_type.shape.dim[0].dim_value
+    used = len(calib.calibration) - (len(calib.calibration) % fixed if fixed > 0 else 0)
+    report = Int8Report(source=calib.name, method=method, calibration_samples=used, synthetic=calib.synthetic,
+                        floors=floors)
+    report.seconds["calibrate"] = time.perf_counter() - start
+    report.placement_problems = check_tensorrt_qdq(proto)
+    if not verify:
+        return proto, report
+    start = time.perf_counter()
+    metrics, failures, accuracy, kernels = verify_int8(proto, model if model is not None else proto_fp32,
+                                                       calib.held_out, floors=floors, labels=calib.held_out_labels)
+    report.verified, report.metrics, report.accuracy = True, metrics, accuracy
+    report.held_out_samples = metrics["samples"]
+    report.onnxruntime_int8_kernels = kernels
+    report.failures = failures + [f"Q/DQ placement: {p}" for p in report.placement_problems]
+    report.seconds["verify"] = time.perf_counter() - start
+    log.info("int8 check (%s): %s", "passed" if report.passed else "FAILED", report.summary())
+    return proto, report
