@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "mean cosine of every feature map (default 0.97)")
     p.add_argument("--int8-max-rel-error", type=float, metavar="F", help="int8 check: largest mean ||int8 - fp32|| "
                    "/ ||fp32|| of every output (default 0.3)")
-    p.add_argument("--reduce-range", action="store_true", help="int8: 7-bit weights, for onnxruntime's CPU kernels on "
-                   "x86 without VNNI (they saturate with full-range weights); not needed for TensorRT")
+    p.add_argument("--reduce-range", action="store_true", help="int8: 7-bit weights, for int8 CPU kernels that "
+                   "saturate with full-range weights (x86 without VNNI); not needed for TensorRT")
     p.add_argument("--features", action="store_true", help="export the backbone's feature maps (outputs feat0..)")
     p.add_argument("--out-indices", type=int, nargs="+", metavar="I", help="feature levels with --features "
                    "(0 = stem .. 4 = last stage; default all)")
@@ -299,17 +299,17 @@ def _print_int8(calib: dict, v: dict) -> None:
                                                 m["feature_rel_error"], strict=True)):
             print(f"  output {i}: cosine mean {cos:.5f} (floor {f['min_feature_cosine']}), min {low:.5f}, relative "
                   f"error {rel:.4f} (limit {f['max_rel_error']})")
-    k = v.get("onnxruntime_int8_kernels") or {}
+    k = v.get("onnxruntime_optimized") or {}
     if k.get("classifier") and k.get("finite"):
-        print(f"  onnxruntime fused int8 CPU kernels (reported, not enforced): top-1 agreement "
+        print(f"  onnxruntime, all graph optimizations (reported, not enforced): top-1 agreement "
               f"{k['top1_agreement']:.2%}, logit cosine {k['cosine_mean']:.5f}")
     elif k.get("finite"):
-        print("  onnxruntime fused int8 CPU kernels (reported, not enforced): cosine "
+        print("  onnxruntime, all graph optimizations (reported, not enforced): cosine "
               + ", ".join(f"{c:.5f}" for c in k["feature_cosine"]))
     if v.get("accuracy"):
         a = v["accuracy"]
-        print(f"  held-out accuracy: PyTorch fp32 {a['fp32']:.2%}, int8 Q/DQ {a['int8']:.2%}, onnxruntime fused "
-              f"int8 kernels {a['onnxruntime_int8_kernels']:.2%}")
+        print(f"  held-out accuracy: PyTorch fp32 {a['fp32']:.2%}, int8 Q/DQ {a['int8']:.2%}, onnxruntime "
+              f"optimized {a['onnxruntime_optimized']:.2%}")
     for problem in v["placement_problems"]:
         print(f"  Q/DQ placement: {problem}")
     print(f"  int8 check: {'ok' if v['passed'] else 'FAILED: ' + '; '.join(v['failures'])}")

@@ -73,8 +73,8 @@ def quantize_int8(model: Any, images: np.ndarray, *, batch_size: int = 8, per_ch
         batch_size: calibration batch size (a fixed-batch model uses its own, dropping the remainder).
         per_channel: per-output-channel weight scales.
         method: ``"minmax"``, ``"entropy"`` or ``"percentile"`` (see :mod:`repvgg_tools.export.qdq`).
-        reduce_range: 7-bit weights. onnxruntime's fused int8 CPU kernels saturate with full-range weights on x86
-            without VNNI (AVX2, AVX-512F); use it for an onnxruntime CPU deployment there, not for TensorRT.
+        reduce_range: 7-bit weights, for int8 CPU kernels that saturate with full-range weights on x86 without
+            VNNI (AVX2, AVX-512F), such as onnxruntime's QLinearConv; not for TensorRT.
 
     Raises:
         PrecisionError: no images, or an unknown method.
