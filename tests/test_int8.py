@@ -429,3 +429,49 @@ def test_cli_int8_reduce_range(digits, tmp_path, capsys):
     q = onnx.load(tmp_path / "rr.onnx")
     weights = [numpy_helper.to_array(i) for i in q.graph.initializer if i.name.endswith("weight_quantized")]
     assert max(int(np.abs(w).max()) for w in weights) == 63
+
+
+# ------------------------------------------------------------------------------------ quantization-aware training
+def test_qat_on_digits_int8_within_half_a_point_of_fp32(digits, tmp_path, capsys):
+    """Fuse, fake-quantize (scales from PTQ calibration), fine-tune, save; repvgg-export writes the learned scales
+    unchanged and the int8 file keeps the fp32 accuracy on the whole digits validation split."""
+    from repvgg_tools.training.qat import is_qat, prepare_qat, qat_state
+
+    ckpt, deploy, _, fp32_acc = digits
+    images, labels = digits_dataset("train", image_size=SIZE).tensors
+    training_form = RepVGG(**TINY)
+    training_form.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"])
+    qat = prepare_qat(training_form, [images[:64]])  # fuse first, then fake-quantize
+    assert is_qat(qat) and not any(isinstance(m, nn.BatchNorm2d) for m in qat.modules())
+    opt = torch.optim.Adam(qat.parameters(), lr=1e-4)
+    qat.train()
+    for idx in torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).split(64):
+        loss = nn.functional.cross_entropy(qat(images[idx]), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    state, quant = qat_state(qat.eval())
+    assert set(state) == set(deploy.state_dict())  # plain deploy keys: every loader reads them
+    path, out, report_path = tmp_path / "qat.pth", tmp_path / "qat.onnx", tmp_path / "qat.json"
+    save_checkpoint({"state_dict": state, "quant": quant, "num_classes": 10}, path)
+    proc = run_main(capsys, path, out, "--input-size", SIZE, "--precision", "int8", "--verify-samples", 400,
+                    "--json", report_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "scales: from quantization-aware training (no calibration)" in proc.stdout
+    report = json.loads(report_path.read_text())
+    assert report["calibration"]["method"] == "qat" and report["calibration"]["samples"] == 0
+    acc = report["verification"]["accuracy"]
+    print(f"\nQAT: fp32 before {fp32_acc:.4f}, QAT weights fp32 {acc['fp32']:.4f}, int8 {acc['int8']:.4f} "
+          f"({report['verification']['held_out_samples']} images)")
+    assert report["verification"]["held_out_samples"] == len(digits_dataset("val", image_size=SIZE))
+    assert acc["int8"] >= fp32_acc - 0.005 and acc["int8"] >= acc["fp32"] - 0.005
+    q = onnx.load(out)  # the trained scales, as they are
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    for layer, scale in quant["weight_scales"].items():
+        np.testing.assert_array_equal(inits[f"{layer}.weight_scale"], scale.numpy())
+    assert float(inits["input_scale"]) == pytest.approx(float(quant["activation_scales"]["stem.reparam"]), rel=1e-6)
+    assert check_tensorrt_qdq(q) == []
+    with torch.no_grad():  # the ONNX Q/DQ graph computes what the fake-quantized model computes
+        fake = qat(images[:32]).numpy()
+    got = run_onnx(onnx_session(out, exact_qdq=True), images[:32])[0]
+    assert np.abs(got - fake).max() <= 0.05 * np.abs(fake).max()

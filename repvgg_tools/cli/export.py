@@ -195,6 +195,10 @@ def export_checkpoint(args: argparse.Namespace) -> tuple[dict, bool]:
         model = features_model(model, arch, args.out_indices)
     in_chans = _in_chans(model)
     calib_source = _int8_source(args, in_chans, samples, digits_shaped) if args.precision == "int8" else None
+    qat = info.get("extras", {}).get("quant") if args.precision == "int8" else None
+    if qat is not None and (args.calib_method != "minmax" or args.reduce_range):
+        raise UsageError("the checkpoint holds quantization-aware-trained scales: --calib-method and --reduce-range "
+                         "do not apply")
     timings["load"] = time.perf_counter() - start
     t = time.perf_counter()
     proto = export_onnx(model, args.input_size, batch=args.batch, dynamic_batch=args.dynamic_batch,
@@ -208,9 +212,9 @@ def export_checkpoint(args: argparse.Namespace) -> tuple[dict, bool]:
     if args.precision == "fp16":
         proto = to_fp16(proto, keep_io_types=not args.fp16_io)
     elif args.precision == "int8":
-        proto, int8_report = _export_int8(args, model, proto, calib_source)
+        proto, int8_report = _export_int8(args, model, proto, calib_source, qat)
         report["calibration"] = {"source": int8_report.source, "samples": int8_report.calibration_samples,
-                                 "method": args.calib_method, "reduce_range": args.reduce_range,
+                                 "method": int8_report.method, "reduce_range": args.reduce_range,
                                  "synthetic": int8_report.synthetic}
         if args.verify:
             report["verification"] = int8_report.to_dict()
@@ -268,7 +272,7 @@ def _int8_source(args, in_chans: int, samples: int, digits_shaped: bool):
                      "smoke test whose check says nothing about accuracy)")
 
 
-def _export_int8(args, model, proto, source):
+def _export_int8(args, model, proto, source, qat):
     """:func:`repvgg_tools.export.int8.export_int8` with the floors the flags set."""
     from ..export.int8 import Int8Floors, export_int8
 
@@ -278,7 +282,7 @@ def _export_int8(args, model, proto, source):
         (args.int8_min_feature_cosine, defaults.min_feature_cosine),
         (args.int8_max_rel_error, defaults.max_rel_error))))
     return export_int8(model, proto, source, method=args.calib_method, floors=floors,
-                       reduce_range=args.reduce_range, verify=args.verify)
+                       reduce_range=args.reduce_range, verify=args.verify, qat=qat)
 
 
 def _print_int8(calib: dict, v: dict) -> None:
@@ -323,8 +327,11 @@ def _print_report(report: dict) -> None:
     print(f"graph: {report['nodes']} nodes: {ops}")
     if "calibration" in report:
         c = report["calibration"]
-        print(f"calibration: {c['samples']} images from {c['source']} ({c['method']}"
-              f"{', 7-bit weights' if c['reduce_range'] else ''})")
+        if c["method"] == "qat":
+            print("scales: from quantization-aware training (no calibration)")
+        else:
+            print(f"calibration: {c['samples']} images from {c['source']} ({c['method']}"
+                  f"{', 7-bit weights' if c['reduce_range'] else ''})")
     v = report.get("verification")
     if v is not None and report["precision"] == "int8":
         _print_int8(report["calibration"], v)

@@ -47,7 +47,7 @@ from .precision import PrecisionError
 
 __all__ = [
     "MIN_HELD_OUT", "Int8Floors", "CalibrationSource", "Int8Report", "int8_metrics", "is_digits_model",
-    "verify_int8", "export_int8",
+    "verify_int8", "qat_qdq", "export_int8",
 ]
 
 log = logging.getLogger(__name__)
@@ -385,9 +385,34 @@ def verify_int8(proto_int8: Any, reference: Any, held_out: np.ndarray, *, floors
     return metrics, _failures(metrics, floors), accuracy, kernel_metrics
 
 
+def qat_qdq(proto_fp32: Any, quant: dict) -> Any:
+    """Q/DQ from quantization-aware training's scales (:func:`repvgg_tools.training.qat.qat_state`), no calibration.
+
+    A layer is matched to its Conv/Gemm node by its weight (``<layer>.weight``, the name the exporter keeps).
+
+    Raises:
+        PrecisionError: not a QAT record, or a Conv/Gemm without a scale in it.
+    """
+    from .qdq import QUANTIZED_OPS, insert_qdq
+
+    if not isinstance(quant, dict) or not str(quant.get("format", "")).startswith("repvgg-tools qat int8"):
+        raise PrecisionError("the checkpoint's 'quant' entry is not a QAT record of repvgg-tools")
+    act, weight = quant["activation_scales"], quant["weight_scales"]
+    thresholds, weight_scales = {}, {}
+    for node in proto_fp32.graph.node:
+        if node.op_type not in QUANTIZED_OPS:
+            continue
+        layer = node.input[1].removesuffix(".weight")
+        if layer not in act or layer not in weight:
+            raise PrecisionError(f"the QAT record has no scales for {node.op_type} weight {node.input[1]!r}")
+        thresholds.setdefault(node.input[0], float(act[layer]) * 127.0)
+        weight_scales[node.input[1]] = np.asarray(weight[layer], dtype=np.float64).reshape(-1)
+    return insert_qdq(proto_fp32, thresholds, weight_scales=weight_scales)
+
+
 def export_int8(model: Any, proto_fp32: Any, calib: CalibrationSource, *, method: str = "minmax",
                 floors: Int8Floors = Int8Floors(), reduce_range: bool = False, verify: bool = True,
-                batch_size: int = 16) -> tuple[Any, Int8Report]:
+                batch_size: int = 16, qat: dict | None = None) -> tuple[Any, Int8Report]:
     """Calibrate, quantize to TensorRT-style int8 Q/DQ, verify on held-out images and report.
 
     Args:
@@ -400,6 +425,8 @@ def export_int8(model: Any, proto_fp32: Any, calib: CalibrationSource, *, method
         reduce_range: 7-bit weights (for int8 kernels that saturate with full-range weights).
         verify: run the check (else the report is marked not verified and ``passed`` is False).
         batch_size: calibration batch size (a fixed-batch model uses its own).
+        qat: the ``quant`` record of a quantization-aware-trained checkpoint: its scales are written as they are
+            (no calibration; ``method`` and ``reduce_range`` do not apply), and the check runs as usual.
 
     Returns:
         ``(int8 proto, report)``. The caller decides what a failed report means; ``repvgg-export`` writes nothing.
@@ -411,10 +438,13 @@ def export_int8(model: Any, proto_fp32: Any, calib: CalibrationSource, *, method
     from .qdq import check_tensorrt_qdq
 
     start = time.perf_counter()
-    proto = quantize_int8(proto_fp32, calib.calibration, batch_size=batch_size, method=method,
-                          reduce_range=reduce_range)
-    fixed = proto_fp32.graph.input[0].type.tensor_type.shape.dim[0].dim_value
-    used = len(calib.calibration) - (len(calib.calibration) % fixed if fixed > 0 else 0)
+    if qat is not None:
+        proto, method, used = qat_qdq(proto_fp32, qat), "qat", 0
+    else:
+        proto = quantize_int8(proto_fp32, calib.calibration, batch_size=batch_size, method=method,
+                              reduce_range=reduce_range)
+        fixed = proto_fp32.graph.input[0].type.tensor_type.shape.dim[0].dim_value
+        used = len(calib.calibration) - (len(calib.calibration) % fixed if fixed > 0 else 0)
     report = Int8Report(source=calib.name, method=method, calibration_samples=used, synthetic=calib.synthetic,
                         floors=floors)
     report.seconds["calibrate"] = time.perf_counter() - start
