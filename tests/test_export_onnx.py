@@ -16,7 +16,6 @@ pytest.importorskip("onnxruntime", exc_type=ImportError)
 import onnx  # noqa: E402
 
 from repvgg_tools import randomize_batchnorm, reparameterize, save_checkpoint  # noqa: E402
-from repvgg_tools.data import digits_dataset  # noqa: E402
 from repvgg_tools.export.onnx import (  # noqa: E402
     PLAIN_OPS,
     drop_identity_pools,
@@ -28,7 +27,6 @@ from repvgg_tools.export.onnx import (  # noqa: E402
 from repvgg_tools.models import RepVGG  # noqa: E402
 
 TINY = dict(widths=(8, 16, 16, 32, 64), depths=(1, 1, 2, 2, 1), num_classes=10)
-DIGITS_SIZE = 16  # digits are 8x8; 16x16 keeps training to a few seconds
 RELU_NET_OPS = {"Conv", "Relu", "GlobalAveragePool", "Flatten", "Gemm"}  # PLAIN_OPS without VGG's MaxPool
 
 
@@ -60,34 +58,6 @@ def tiny_ckpt(tiny_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny_train.pth"
     save_checkpoint({"state_dict": tiny_model.state_dict(), "num_classes": 10, "epoch": 3}, path)
     return path
-
-
-@pytest.fixture(scope="module")
-def digits_ckpt(tmp_path_factory):
-    """A tiny RepVGG trained for a few seconds on digits (training form), with its PyTorch val accuracy."""
-    torch.manual_seed(0)
-    model = RepVGG(**TINY)
-    images, labels = digits_dataset("train", image_size=DIGITS_SIZE).tensors
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny batches: one thread is fastest, and immune to a busy machine
-    try:
-        for _epoch in range(3):
-            for idx in torch.randperm(len(images)).split(64):
-                loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
-    val_x, val_y = digits_dataset("val", image_size=DIGITS_SIZE).tensors
-    with torch.no_grad():
-        acc = (model(val_x).argmax(1) == val_y).float().mean().item()
-    path = tmp_path_factory.mktemp("digits") / "digits_train.pth"
-    save_checkpoint({"state_dict": model.state_dict(), "num_classes": 10}, path)
-    return path, acc
 
 
 # ------------------------------------------------------------------------------------------------ the library
@@ -212,59 +182,7 @@ def test_cli_fp16_overflow_fails_verification(tiny_model, tmp_path):
     run_cli(ckpt, out, "--input-size", 32, check_rc=0)  # the same model is fine in fp32
 
 
-def test_cli_int8_digits_accuracy(digits_ckpt, tmp_path):
-    """int8 Q/DQ calibrated on digits keeps the accuracy of the trained fp32 model on the held-out split."""
-    ckpt, torch_acc = digits_ckpt
-    assert torch_acc > 0.85  # the fixture really trained
-    out, report_path = tmp_path / "int8.onnx", tmp_path / "int8.json"
-    proc = run_cli(ckpt, out, "--input-size", DIGITS_SIZE, "--precision", "int8", "--calib-samples", 128,
-                   "--json", report_path, check_rc=0)
-    assert "digits val accuracy" in proc.stdout and "onnxruntime int8 CPU kernels" in proc.stdout
-    report = json.loads(report_path.read_text())
-    assert report["calibration"] == {"source": "digits", "samples": 128, "method": "minmax", "reduce_range": False}
-    ops = report["ops"]
-    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0 and ops["Conv"] == 7
-    v = report["verification"]
-    acc = v["digits_val_accuracy"]
-    print(f"\ndigits val accuracy: {acc}; agreement with PyTorch: Q/DQ graph {v['top1_agreement']}, "
-          f"onnxruntime int8 kernels {v['onnxruntime_int8_kernels']['top1_agreement']}")
-    assert acc["samples"] == len(digits_dataset("val", image_size=DIGITS_SIZE))
-    assert acc["pytorch_fp32"] == pytest.approx(torch_acc, abs=1e-6)
-    assert acc["onnx"] >= acc["pytorch_fp32"] - 0.03
-    assert v["top1_agreement"] >= 0.9
-    session = onnx_session(out, exact_qdq=True)
-    assert run_onnx(session, torch.randn(7, 3, DIGITS_SIZE, DIGITS_SIZE))[0].shape == (7, 10)  # dynamic batch
-
-
-def test_cli_int8_reduce_range_for_onnxruntime_kernels(digits_ckpt, tmp_path):
-    """7-bit weights keep onnxruntime's fused int8 CPU kernels accurate, whatever the CPU's instruction set."""
-    ckpt, _ = digits_ckpt
-    report_path = tmp_path / "rr.json"
-    run_cli(ckpt, tmp_path / "rr.onnx", "--input-size", DIGITS_SIZE, "--precision", "int8", "--calib-samples", 128,
-            "--reduce-range", "--json", report_path, check_rc=0)
-    acc = json.loads(report_path.read_text())["verification"]["digits_val_accuracy"]
-    assert acc["onnxruntime_int8_kernels"] >= acc["pytorch_fp32"] - 0.03
-    assert acc["onnx"] >= acc["pytorch_fp32"] - 0.03
-
-
-def test_cli_int8_calib_dir(tiny_ckpt, tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        (tmp_path / "imgs" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
-        pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(tmp_path / "imgs" / f"c{i % 2}" / f"{i}.png")
-    out, report_path = tmp_path / "q.onnx", tmp_path / "q.json"
-    run_cli(tiny_ckpt, out, "--input-size", 32, "--precision", "int8", "--calib-dir", tmp_path / "imgs",
-            "--calib-samples", 4, "--json", report_path, check_rc=0)
-    report = json.loads(report_path.read_text())
-    assert report["calibration"]["samples"] == 4 and report["calibration"]["source"].endswith("imgs")
-    assert report["verification"]["samples"] == 2  # the two images not used for calibration
-    assert "digits_val_accuracy" not in report["verification"]
-    proc = run_cli(tiny_ckpt, tmp_path / "q2.onnx", "--precision", "int8", "--calib-dir", tmp_path / "nothing")
-    assert_one_line_error(proc, 2, "not a directory")
-    assert not (tmp_path / "q2.onnx").exists()
+# int8: tests/test_int8.py (Q/DQ placement, calibration sources, the int8 check and its CLI)
 
 
 def test_cli_features(tiny_model, tiny_ckpt, tmp_path):

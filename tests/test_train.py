@@ -169,3 +169,27 @@ def test_torchrun_two_processes_gloo(tmp_path):
     bad = subprocess.run([sys.executable, "tools/train.py", "--recipe", str(QUICK), *TINY, f"output={tmp_path / 'r'}",
                           f"resume={bare}"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "not a training checkpoint" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_qat_recipe_fuses_fake_quantizes_and_saves_scales(tmp_path):
+    """quant.qat: the deploy form is fine-tuned with fake quantization; the checkpoint holds a plain deploy state
+    dict and the scales (tests/test_int8.py exports them and checks the accuracy)."""
+    from repvgg_tools import create_model, save_checkpoint
+    from repvgg_tools.training import RecipeError
+    from repvgg_tools.training.qat import QAT_FORMAT
+
+    init = tmp_path / "init.pth"
+    save_checkpoint({"state_dict": create_model("repvgg_a0", num_classes=10).state_dict(), "arch": "repvgg_a0"}, init)
+    qat = [*TINY, "epochs=1", "max_steps_per_epoch=1", "data.workers=0", "quant.qat=true", f"quant.init={init}",
+           "quant.calib_samples=8"]
+    result = _run(tmp_path, "qat", *qat)
+    assert "val_top1" in result["last"]
+    ckpt = load_checkpoint(tmp_path / "qat" / "last.pth")
+    quant, sd = ckpt["quant"], ckpt["state_dict"]
+    assert quant["format"] == QAT_FORMAT and len(quant["activation_scales"]) == len(quant["weight_scales"]) == 23
+    assert "stem.reparam.weight" in sd and not any("branch" in k or "_fq." in k for k in sd)  # fused, plain keys
+    assert quant["weight_scales"]["stem.reparam"].shape == (48,)
+    with pytest.raises(RecipeError, match="quant.init"):
+        load_recipe(QUICK, ["quant.qat=true"])
+    with pytest.raises(RecipeError, match="does not support ema.enabled"):
+        load_recipe(QUICK, [*qat, "ema.enabled=true"])

@@ -50,21 +50,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision stored in the ONNX (default fp32)")
     p.add_argument("--fp16-io", action="store_true", help="fp16: keep float16 inputs/outputs (default: float32 IO)")
     calib = p.add_mutually_exclusive_group()
-    calib.add_argument("--calib", choices=("digits",), default="digits",
-                       help="int8 calibration set: the built-in digits set (default)")
-    calib.add_argument("--calib-dir", metavar="DIR", help="int8 calibration images (an ImageFolder-style directory; "
-                       "resized, centre-cropped, ImageNet-normalized)")
+    calib.add_argument("--calib", choices=("digits", "synthetic"),
+                       help="int8 calibration set: the built-in digits set (the default only for a 10-class model "
+                       "with 1 or 3 input channels, our digits demo's shape), or synthetic random images (smoke "
+                       "tests only: the int8 check then says nothing about accuracy)")
+    calib.add_argument("--calib-dir", metavar="DIR", help="int8 calibration images from the model's domain (any "
+                       "depth; resized, centre-cropped, ImageNet-normalized); shuffled, --calib-samples calibrate "
+                       "and the next --verify-samples (at least 64) check; required for any other model")
     p.add_argument("--calib-samples", type=int, default=64, metavar="N", help="calibration images (default 64)")
     p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax",
                    help="calibration method (default minmax)")
-    p.add_argument("--reduce-range", action="store_true", help="int8: 7-bit weights, for onnxruntime's CPU kernels on "
-                   "x86 without VNNI (they saturate with full-range weights); not needed for TensorRT")
+    p.add_argument("--int8-min-top1", type=float, metavar="F", help="int8 check: least top-1 agreement with fp32 on "
+                   "held-out images (default 0.95)")
+    p.add_argument("--int8-min-cosine", type=float, metavar="F", help="int8 check: least mean logit cosine "
+                   "(default 0.99)")
+    p.add_argument("--int8-min-feature-cosine", type=float, metavar="F", help="int8 check with --features: least "
+                   "mean cosine of every feature map (default 0.97)")
+    p.add_argument("--int8-max-rel-error", type=float, metavar="F", help="int8 check: largest mean ||int8 - fp32|| "
+                   "/ ||fp32|| of every output (default 0.3)")
+    p.add_argument("--reduce-range", action="store_true", help="int8: 7-bit weights, for int8 CPU kernels that "
+                   "saturate with full-range weights (x86 without VNNI); not needed for TensorRT")
     p.add_argument("--features", action="store_true", help="export the backbone's feature maps (outputs feat0..)")
     p.add_argument("--out-indices", type=int, nargs="+", metavar="I", help="feature levels with --features "
                    "(0 = stem .. 4 = last stage; default all)")
     p.add_argument("--no-simplify", dest="simplify", action="store_false", help="skip onnxslim/onnxsim")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the onnxruntime check")
-    p.add_argument("--verify-samples", type=int, metavar="N", help="inputs to verify on (default 8; int8: 32)")
+    p.add_argument("--verify-samples", type=int, metavar="N", help="inputs to verify on (default 8; int8: 128 "
+                   "held-out images)")
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT (and the --json file)")
     p.add_argument("--json", metavar="FILE", help="write a machine-readable report")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
@@ -147,17 +159,6 @@ def _verify_inputs(args, in_chans: int, samples: int) -> list:
     return [torch.randn(n, in_chans, args.input_size, args.input_size, generator=gen) for n in sizes if n > 0]
 
 
-def _batches(images, batch: int | None, dynamic: bool) -> list:
-    images = torch.as_tensor(images)
-    if not dynamic:
-        n = len(images) - len(images) % batch
-        if n == 0:
-            raise UsageError(f"fewer verification images ({len(images)}) than the fixed batch {batch}")
-        images = images[:n]
-        return list(images.split(batch))
-    return list(images.split(16))
-
-
 def export_checkpoint(args: argparse.Namespace) -> tuple[dict, bool]:
     """Run the export described by parsed arguments; returns ``(report, verification passed)``.
 
@@ -166,7 +167,7 @@ def export_checkpoint(args: argparse.Namespace) -> tuple[dict, bool]:
     """
     from ..checkpoint import CheckpointError, atomic_write, check_output_path
     from ..export.onnx import export_onnx, model_io, onnx_session, op_counts, save_onnx, torch_outputs, verify_onnx
-    from ..export.precision import calibration_images, digits_images, quantize_int8, to_fp16
+    from ..export.precision import to_fp16
 
     out = Path(args.output)
     if not Path(args.checkpoint).exists():
@@ -180,10 +181,12 @@ def export_checkpoint(args: argparse.Namespace) -> tuple[dict, bool]:
         raise UsageError("--out-indices needs --features")
     if args.fp16_io and args.precision != "fp16":
         raise UsageError("--fp16-io needs --precision fp16")
-    if args.precision != "int8" and (args.calib_dir or args.calib_samples != 64 or args.calib_method != "minmax"
-                                     or args.reduce_range):
-        raise UsageError("calibration options need --precision int8")
-    samples = args.verify_samples or (32 if args.precision == "int8" else 8)
+    floors_given = any(v is not None for v in (args.int8_min_top1, args.int8_min_cosine,
+                                               args.int8_min_feature_cosine, args.int8_max_rel_error))
+    if args.precision != "int8" and (args.calib or args.calib_dir or args.calib_samples != 64 or floors_given
+                                     or args.calib_method != "minmax" or args.reduce_range):
+        raise UsageError("calibration options and int8 floors need --precision int8")
+    samples = args.verify_samples or (128 if args.precision == "int8" else 8)
     if samples < 1:
         raise UsageError("--verify-samples must be at least 1")
     torch.manual_seed(0)
@@ -193,9 +196,15 @@ def export_checkpoint(args: argparse.Namespace) -> tuple[dict, bool]:
     model, info = load_deploy_model(args.checkpoint, args.arch, args.layout, args.ema, model_kwargs=kwargs,
                                     bn_eps=args.bn_eps)
     arch = args.arch or info.get("arch")
+    digits_shaped = args.precision == "int8" and _int8_is_digits_model(model, args.input_size)
     if args.features:
         model = features_model(model, arch, args.out_indices)
     in_chans = _in_chans(model)
+    calib_source = _int8_source(args, in_chans, samples, digits_shaped) if args.precision == "int8" else None
+    qat = info.get("extras", {}).get("quant") if args.precision == "int8" else None
+    if qat is not None and (args.calib_method != "minmax" or args.reduce_range):
+        raise UsageError("the checkpoint holds quantization-aware-trained scales: --calib-method and --reduce-range "
+                         "do not apply")
     timings["load"] = time.perf_counter() - start
     t = time.perf_counter()
     proto = export_onnx(model, args.input_size, batch=args.batch, dynamic_batch=args.dynamic_batch,
@@ -206,35 +215,26 @@ def export_checkpoint(args: argparse.Namespace) -> tuple[dict, bool]:
               "dynamic_batch": args.dynamic_batch, "features": args.features, "simplified": args.simplify,
               "conversion": info.get("conversion")}
     t = time.perf_counter()
-    calib_source = args.calib_dir or args.calib
+    passed = True
     if args.precision == "fp16":
         proto = to_fp16(proto, keep_io_types=not args.fp16_io)
     elif args.precision == "int8":
-        images = calibration_images(calib_source, args.input_size, args.calib_samples, in_chans)
-        proto = quantize_int8(proto, images, method=args.calib_method, reduce_range=args.reduce_range)
-        used = len(images) if args.dynamic_batch else len(images) - len(images) % args.batch
-        report["calibration"] = {"source": calib_source, "samples": used, "method": args.calib_method,
-                                 "reduce_range": args.reduce_range}
-    timings["precision"] = time.perf_counter() - t
+        proto, int8_report = _export_int8(args, model, proto, calib_source, qat)
+        report["calibration"] = {"source": int8_report.source, "samples": int8_report.calibration_samples,
+                                 "method": int8_report.method, "reduce_range": args.reduce_range,
+                                 "synthetic": int8_report.synthetic}
+        if args.verify:
+            report["verification"] = int8_report.to_dict()
+            passed = int8_report.passed
+            timings["verify"] = int8_report.seconds["verify"]
+    timings["precision"] = time.perf_counter() - t - timings.get("verify", 0.0)
     report.update(ops=dict(sorted(op_counts(proto).items())), nodes=len(proto.graph.node), io=model_io(proto))
-    passed = True
-    if args.verify:
+    if args.verify and args.precision != "int8":
         t = time.perf_counter()
-        if args.precision == "int8":
-            inputs, note = _int8_verify_inputs(args, calib_source, in_chans, samples)
-        else:
-            inputs, note = _verify_inputs(args, in_chans, samples), "random standard-normal inputs"
+        inputs, note = _verify_inputs(args, in_chans, samples), "random standard-normal inputs"
         ref = torch_outputs(model, inputs)
-        # int8: the contract is checked on the Q/DQ graph as written (what TensorRT builds from); onnxruntime's fused
-        # int8 CPU kernels are measured too, since they can saturate on CPUs without VNNI
-        exact = args.precision == "int8"
-        result = verify_onnx(onnx_session(proto, exact_qdq=exact), model, args.precision, inputs, ref)
+        result = verify_onnx(onnx_session(proto), model, args.precision, inputs, ref)
         result["inputs"] = note
-        if args.precision == "int8":
-            kernels = verify_onnx(onnx_session(proto), model, "int8", inputs, ref)
-            result["onnxruntime_int8_kernels"] = {k: kernels[k] for k in ("cosine", "top1_agreement", "max_rel")}
-            if calib_source == "digits" and _is_digits_classifier(model, args, in_chans):
-                result["digits_val_accuracy"] = _digits_accuracy(proto, model, args, in_chans, digits_images)
         report["verification"] = result
         passed = result["passed"]
         timings["verify"] = time.perf_counter() - t
@@ -252,51 +252,78 @@ def export_checkpoint(args: argparse.Namespace) -> tuple[dict, bool]:
     return report, passed
 
 
-def _int8_verify_inputs(args, source: str, in_chans: int, samples: int) -> tuple[list, str]:
-    from ..export.precision import digits_images, folder_images
+def _int8_is_digits_model(model, input_size: int) -> bool:
+    from ..export.int8 import is_digits_model
 
-    if not args.dynamic_batch:
-        samples = max(samples, args.batch)
-    if source == "digits":
-        images = digits_images("val", args.input_size, in_chans, samples)[0]
-        note = f"{len(images)} digits validation images (held out from calibration)"
+    return is_digits_model(model, input_size)
+
+
+def _int8_source(args, in_chans: int, samples: int, digits_shaped: bool):
+    """The calibration source the flags name (:class:`repvgg_tools.export.int8.CalibrationSource`).
+
+    Raises:
+        UsageError: no source given for a model that is not shaped like our digits models.
+    """
+    from ..export.int8 import MIN_HELD_OUT, CalibrationSource
+
+    least = MIN_HELD_OUT if args.verify else 0
+    if args.calib_dir:
+        return CalibrationSource.folder(args.calib_dir, args.input_size, in_chans, args.calib_samples, samples,
+                                        min_held_out=least)
+    if args.calib == "synthetic":
+        return CalibrationSource.noise(args.input_size, in_chans, args.calib_samples, samples)
+    if args.calib == "digits" or digits_shaped:
+        return CalibrationSource.digits(args.input_size, in_chans, args.calib_samples, samples, min_held_out=least)
+    raise UsageError("int8 needs calibration images from the model's domain: pass --calib-dir DIR (the digits "
+                     "default is only for 10-class models with 1 or 3 input channels; --calib synthetic runs a "
+                     "smoke test whose check says nothing about accuracy)")
+
+
+def _export_int8(args, model, proto, source, qat):
+    """:func:`repvgg_tools.export.int8.export_int8` with the floors the flags set."""
+    from ..export.int8 import Int8Floors, export_int8
+
+    defaults = Int8Floors()
+    floors = Int8Floors(*(default if value is None else value for value, default in (
+        (args.int8_min_top1, defaults.min_top1), (args.int8_min_cosine, defaults.min_cosine),
+        (args.int8_min_feature_cosine, defaults.min_feature_cosine),
+        (args.int8_max_rel_error, defaults.max_rel_error))))
+    return export_int8(model, proto, source, method=args.calib_method, floors=floors,
+                       reduce_range=args.reduce_range, verify=args.verify, qat=qat)
+
+
+def _print_int8(calib: dict, v: dict) -> None:
+    """Every int8 figure: the enforced ones against their floors, then the reported ones."""
+    f, m = v["floors"], v["metrics"]
+    print(f"int8 check on {v['held_out_samples']} held-out {calib['source']} images (Q/DQ graph as written vs "
+          "PyTorch fp32):")
+    if calib["synthetic"]:
+        print("  synthetic calibration: a smoke test; these figures say nothing about accuracy on real images")
+    if not m.get("finite", False):
+        print("  outputs contain NaN or Inf")
+    elif m["classifier"]:
+        print(f"  top-1 agreement {m['top1_agreement']:.2%} (floor {f['min_top1']:.2%}), logit cosine mean "
+              f"{m['cosine_mean']:.5f} (floor {f['min_cosine']}), min {m['cosine_min']:.5f}, relative error "
+              f"{m['rel_error']:.4f} (limit {f['max_rel_error']}), max rel err {m['max_rel']:.3e}")
     else:
-        images = folder_images(source, args.input_size, None, in_chans)
-        held_out = images[args.calib_samples:]
-        if len(held_out):
-            images, note = held_out[:samples], "images of --calib-dir not used for calibration"
-        else:
-            images, note = images[:samples], "the calibration images (no other images in --calib-dir)"
-        note = f"{len(images)} {note}"
-    return _batches(images, args.batch, args.dynamic_batch), note
-
-
-def _is_digits_classifier(model, args, in_chans: int) -> bool:
-    with torch.no_grad():
-        out = model(torch.zeros(1, in_chans, args.input_size, args.input_size))
-    return isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == 10
-
-
-def _digits_accuracy(proto, model, args, in_chans: int, digits_images) -> dict:
-    """Top-1 accuracy on the whole digits validation split: PyTorch (fp32), the ONNX model's Q/DQ graph as written,
-    and onnxruntime's fused int8 CPU kernels."""
-    import numpy as np
-
-    from ..export.onnx import onnx_session, run_onnx
-
-    images, labels = digits_images("val", args.input_size, in_chans)
-    step = 16 if args.dynamic_batch else args.batch
-    batches = list(zip(_batches(images, args.batch, args.dynamic_batch), torch.as_tensor(labels).split(step),
-                       strict=False))
-    n = sum(len(y) for _, y in batches)
-    hits = {"pytorch_fp32": 0, "onnx": 0, "onnxruntime_int8_kernels": 0}
-    sessions = {"onnx": onnx_session(proto, exact_qdq=True), "onnxruntime_int8_kernels": onnx_session(proto)}
-    for x, y in batches:
-        with torch.no_grad():
-            hits["pytorch_fp32"] += int((model(x).argmax(1) == y).sum())
-        for name, session in sessions.items():
-            hits[name] += int((np.argmax(run_onnx(session, x)[0], 1) == y.numpy()).sum())
-    return {"samples": n, **{k: v / n for k, v in hits.items()}}
+        for i, (cos, low, rel) in enumerate(zip(m["feature_cosine"], m["feature_cosine_min"],
+                                                m["feature_rel_error"], strict=True)):
+            print(f"  output {i}: cosine mean {cos:.5f} (floor {f['min_feature_cosine']}), min {low:.5f}, relative "
+                  f"error {rel:.4f} (limit {f['max_rel_error']})")
+    k = v.get("onnxruntime_optimized") or {}
+    if k.get("classifier") and k.get("finite"):
+        print(f"  onnxruntime, all graph optimizations (reported, not enforced): top-1 agreement "
+              f"{k['top1_agreement']:.2%}, logit cosine {k['cosine_mean']:.5f}")
+    elif k.get("finite"):
+        print("  onnxruntime, all graph optimizations (reported, not enforced): cosine "
+              + ", ".join(f"{c:.5f}" for c in k["feature_cosine"]))
+    if v.get("accuracy"):
+        a = v["accuracy"]
+        print(f"  held-out accuracy: PyTorch fp32 {a['fp32']:.2%}, int8 Q/DQ {a['int8']:.2%}, onnxruntime "
+              f"optimized {a['onnxruntime_optimized']:.2%}")
+    for problem in v["placement_problems"]:
+        print(f"  Q/DQ placement: {problem}")
+    print(f"  int8 check: {'ok' if v['passed'] else 'FAILED: ' + '; '.join(v['failures'])}")
 
 
 def _print_report(report: dict) -> None:
@@ -311,19 +338,17 @@ def _print_report(report: dict) -> None:
               f"(tolerance {conv['rtol']:.0e})")
     if "calibration" in report:
         c = report["calibration"]
-        print(f"calibration: {c['samples']} images from {c['source']} ({c['method']})")
+        if c["method"] == "qat":
+            print("scales: from quantization-aware training (no calibration)")
+        else:
+            print(f"calibration: {c['samples']} images from {c['source']} ({c['method']}"
+                  f"{', 7-bit weights' if c['reduce_range'] else ''})")
     v = report.get("verification")
-    if v is not None:
+    if v is not None and report["precision"] == "int8":
+        _print_int8(report["calibration"], v)
+    elif v is not None:
         verdict = "ok" if v["passed"] else "FAILED"
         print(f"verification (onnxruntime vs PyTorch, {v['samples']} inputs): {v['summary']}: {verdict}")
-        kernels = v.get("onnxruntime_int8_kernels")
-        if kernels is not None:
-            print(f"onnxruntime int8 CPU kernels: cosine {kernels['cosine']:.4f}"
-                  + ("" if kernels["top1_agreement"] is None else f", top-1 agreement {kernels['top1_agreement']:.1%}"))
-        if "digits_val_accuracy" in v:
-            a = v["digits_val_accuracy"]
-            print(f"digits val accuracy ({a['samples']} images): PyTorch fp32 {a['pytorch_fp32']:.2%}, "
-                  f"ONNX int8 {a['onnx']:.2%}, onnxruntime int8 CPU kernels {a['onnxruntime_int8_kernels']:.2%}")
     if report["written"]:
         size, total = report["file_bytes"] / 2**20, report["seconds"]["total"]
         print(f"wrote {report['output']} ({size:.2f} MiB) in {total:.1f} s")

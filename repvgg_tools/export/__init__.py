@@ -4,6 +4,7 @@
 only inside the functions that use them, so this package imports with torch and numpy alone.
 """
 
+from .int8 import CalibrationSource, Int8Floors, Int8Report, export_int8, verify_int8
 from .onnx import (
     PLAIN_OPS,
     ExportError,
@@ -26,9 +27,11 @@ from .precision import (
     quantize_int8,
     to_fp16,
 )
+from .qdq import check_tensorrt_qdq
 
 __all__ = [
     "PLAIN_OPS", "ExportError", "export_onnx", "model_io", "onnx_session", "op_counts", "run_onnx", "save_onnx",
     "simplify", "verify_onnx", "PRECISIONS", "PrecisionError", "calibration_images", "check_metrics",
-    "onnx_precision", "output_metrics", "quantize_int8", "to_fp16",
+    "onnx_precision", "output_metrics", "quantize_int8", "to_fp16", "CalibrationSource", "Int8Floors", "Int8Report",
+    "export_int8", "verify_int8", "check_tensorrt_qdq",
 ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 __all__ = [
     "PRECISIONS", "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "PrecisionError", "to_fp16", "quantize_int8",
     "calibration_images", "digits_images", "folder_images", "output_metrics", "check_metrics", "onnx_precision",
-    "max_activation",
+    "max_activation", "image_files", "load_images",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,33 +62,29 @@ def quantize_int8(model: Any, images: np.ndarray, *, batch_size: int = 8, per_ch
                   method: str = "minmax", reduce_range: bool = False) -> Any:
     """INT8 explicit-quantization (Q/DQ) copy of an fp32 ``onnx.ModelProto``, calibrated on ``images``.
 
-    Static post-training quantization with onnxruntime (``quantize_static``, ``QuantFormat.QDQ``): symmetric int8
-    activations and per-channel symmetric int8 weights; biases stay float, because TensorRT's ONNX parser refuses
-    int32 ``DequantizeLinear`` inputs. The result runs on onnxruntime CPU and parses in TensorRT(-RTX).
+    Static post-training quantization following TensorRT's explicit-quantization rules (see
+    :mod:`repvgg_tools.export.qdq`): Q/DQ only at Conv/Gemm inputs, symmetric int8 activations per tensor,
+    symmetric int8 weights per output channel, float biases, no Q/DQ on outputs. The result runs on onnxruntime CPU
+    and parses in TensorRT(-RTX). :func:`repvgg_tools.export.int8.export_int8` adds the held-out accuracy check.
 
     Args:
         model: fp32 model with one input.
         images: calibration batch ``(N, C, H, W)`` float32, preprocessed like the model's inputs.
         batch_size: calibration batch size (a fixed-batch model uses its own, dropping the remainder).
         per_channel: per-output-channel weight scales.
-        method: ``"minmax"``, ``"entropy"`` or ``"percentile"`` (onnxruntime calibration methods).
-        reduce_range: 7-bit weights. onnxruntime's fused int8 CPU kernels saturate with full-range weights on x86
-            without VNNI (AVX2, AVX-512F); use it for an onnxruntime CPU deployment there, not for TensorRT.
+        method: ``"minmax"``, ``"entropy"`` or ``"percentile"`` (see :mod:`repvgg_tools.export.qdq`).
+        reduce_range: 7-bit weights, for int8 CPU kernels that saturate with full-range weights on x86 without
+            VNNI (AVX2, AVX-512F), such as onnxruntime's QLinearConv; not for TensorRT.
 
     Raises:
         PrecisionError: no images, or an unknown method.
     """
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from .qdq import CALIBRATION_METHODS, calibrate_thresholds, insert_qdq
 
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
-    if method not in methods:
-        raise PrecisionError(f"unknown calibration method {method!r}; choose from {', '.join(methods)}")
+    if method not in CALIBRATION_METHODS:
+        raise PrecisionError(f"unknown calibration method {method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
     if len(images) == 0:
         raise PrecisionError("no calibration images")
-    input_name = model.graph.input[0].name
     fixed = model.graph.input[0].type.tensor_type.shape.dim[0].dim_value
     if fixed > 0:  # a fixed-batch model takes whole batches only
         if len(images) < fixed:
@@ -97,34 +92,10 @@ def quantize_int8(model: Any, images: np.ndarray, *, batch_size: int = 8, per_ch
         batch_size, images = fixed, images[: len(images) - len(images) % fixed]
     batches = [np.ascontiguousarray(images[i:i + batch_size], dtype=np.float32)
                for i in range(0, len(images), batch_size)]
-    reader = _Reader(input_name, batches)
-    with tempfile.TemporaryDirectory(prefix="repvgg-int8-") as tmp:
-        pre, out = os.path.join(tmp, "pre.onnx"), os.path.join(tmp, "int8.onnx")
-        quant_pre_process(model, pre, skip_optimization=True)  # shape inference only; marks the model as prepared
-        quantize_static(
-            pre, out, reader, quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
-        )
-        result = onnx.load(out)
+    thresholds = calibrate_thresholds(model, batches, method)
+    result = insert_qdq(model, thresholds, per_channel=per_channel, reduce_range=reduce_range)
     log.info("quantized to int8 Q/DQ with %d calibration images (%s)", len(images), method)
     return result
-
-
-class _Reader:
-    """onnxruntime calibration data reader over a list of batches (duck-typed ``CalibrationDataReader``)."""
-
-    def __init__(self, input_name: str, batches: Sequence[np.ndarray]) -> None:
-        self.input_name, self.batches, self.index = input_name, list(batches), 0
-
-    def get_next(self) -> dict | None:
-        if self.index >= len(self.batches):
-            return None
-        self.index += 1
-        return {self.input_name: self.batches[self.index - 1]}
-
-    def rewind(self) -> None:
-        self.index = 0
 
 
 def digits_images(split: str, input_size: int, channels: int = 3, samples: int | None = None
@@ -138,27 +109,34 @@ def digits_images(split: str, input_size: int, channels: int = 3, samples: int |
     return images.numpy(), labels.numpy()
 
 
-def folder_images(root: str | os.PathLike, input_size: int, samples: int | None = None, channels: int = 3
-                  ) -> np.ndarray:
-    """Images under ``root`` (any depth, e.g. an ImageFolder tree), preprocessed like ImageNet evaluation.
-
-    Each image is resized (shorter side to ``input_size / 0.875``), centre-cropped to ``input_size`` and normalized
-    with the ImageNet mean/std. Files are taken in sorted path order, at most ``samples`` of them.
+def image_files(root: str | os.PathLike) -> list[Path]:
+    """Image files under ``root`` (any depth, e.g. an ImageFolder tree), in sorted path order.
 
     Raises:
-        PrecisionError: not a directory, no images in it, or an unreadable image.
+        PrecisionError: not a directory, or no images in it.
     """
-    import torch
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms import v2
-
     root = Path(root)
     if not root.is_dir():
         raise PrecisionError(f"{root}: not a directory")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise PrecisionError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-    files = files[:samples] if samples is not None else files
+    return files
+
+
+def load_images(files: Sequence[str | os.PathLike], input_size: int, channels: int = 3) -> np.ndarray:
+    """Images preprocessed like ImageNet evaluation, ``(len(files), channels, input_size, input_size)`` float32.
+
+    Each image is resized (shorter side to ``input_size / 0.875``), centre-cropped to ``input_size`` and normalized
+    with the ImageNet mean/std (their channel averages for 1 channel).
+
+    Raises:
+        PrecisionError: an unreadable image, or a model with other than 1 or 3 channels.
+    """
+    import torch
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms import v2
+
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     if channels == 1:
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
@@ -177,6 +155,18 @@ def folder_images(root: str | os.PathLike, input_size: int, samples: int | None 
         except (UnidentifiedImageError, OSError) as exc:
             raise PrecisionError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
     return out
+
+
+def folder_images(root: str | os.PathLike, input_size: int, samples: int | None = None, channels: int = 3
+                  ) -> np.ndarray:
+    """The first ``samples`` images under ``root`` in sorted path order (:func:`image_files`), preprocessed by
+    :func:`load_images`.
+
+    Raises:
+        PrecisionError: not a directory, no images in it, or an unreadable image.
+    """
+    files = image_files(root)
+    return load_images(files[:samples] if samples is not None else files, input_size, channels)
 
 
 def calibration_images(source: str, input_size: int, samples: int, channels: int = 3) -> np.ndarray:
@@ -256,7 +246,7 @@ def check_metrics(metrics: dict, precision: str) -> tuple[bool, str]:
 
     fp32: ``max_rel <= 1e-4``; fp16: cosine >= 0.9999, the same top-1 on >= 99% of samples and, when ``metrics``
     has ``max_activation`` (see :func:`max_activation`), no activation beyond fp16's 65504; int8: finite outputs
-    (its agreement is reported, not enforced).
+    only (the int8 contract, floors on held-out images, is :func:`repvgg_tools.export.int8.verify_int8`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}")

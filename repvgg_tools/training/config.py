@@ -93,6 +93,13 @@ SCHEMA: dict[str, Any] = {
         "patience": Opt(int, 5, doc="plateau: epochs without improvement of val top-1 before a decay"),
         "per_step": Opt(bool, True, doc="cosine/step: update the lr every step, not only every epoch"),
     },
+    "quant": {
+        "qat": Opt(bool, False, doc="quantization-aware fine-tuning of the deploy form (fuse, then fake-quantize "
+                                    "with TensorRT's int8 scheme); repvgg-export --precision int8 writes its scales"),
+        "init": Opt(str, None, nullable=True, doc="qat: the trained checkpoint to fine-tune (any layout "
+                                                  "repvgg-convert reads)"),
+        "calib_samples": Opt(int, 64, doc="qat: training images that calibrate the initial activation scales"),
+    },
     "ema": {
         "enabled": Opt(bool, False),
         "decay": Opt(float, 0.9998),
@@ -179,6 +186,18 @@ def _check_consistency(r: Mapping[str, Any]) -> None:
             raise RecipeError(f"recipe key {key!r} must be >= 1, got {value}")
     if r["optim"]["lr"] <= 0:
         raise RecipeError(f"recipe key 'optim.lr' must be > 0, got {r['optim']['lr']}")
+    q = r["quant"]
+    if q["qat"]:
+        if not q["init"]:
+            raise RecipeError("quant.qat=true needs quant.init=CHECKPOINT (the trained model to fine-tune)")
+        conflicts = {"resume": bool(r["resume"]), "ema.enabled": r["ema"]["enabled"],
+                     "optim.custom_l2": r["optim"]["custom_l2"], "amp": r["amp"] != "none"}
+        bad = [k for k, v in conflicts.items() if v]
+        if bad:
+            raise RecipeError(f"quant.qat=true does not support {', '.join(bad)} (QAT fine-tunes the fused deploy "
+                              "form in float32 from quant.init)")
+        if q["calib_samples"] < 1:
+            raise RecipeError(f"recipe key 'quant.calib_samples' must be >= 1, got {q['calib_samples']}")
     for key in ("scale", "scale_jitter"):
         pair = r["aug"][key]
         if len(pair) != 2 or not all(isinstance(v, (int, float)) for v in pair) or pair[0] > pair[1]:

@@ -23,6 +23,7 @@ from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from . import build
 from .config import RecipeError
 from .metrics import write_metrics
+from .qat import prepare_qat, qat_state
 from .regularizers import custom_l2
 from .state import (
     DistInfo,
@@ -140,6 +141,9 @@ def _train(recipe: Mapping[str, Any], info: DistInfo) -> dict[str, Any]:
     if recipe["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     train_loader, val_loader, sampler, loader_gen = build.build_loaders(recipe, train_set, val_set, info)
+    qat = recipe["quant"]["qat"]
+    if qat:
+        model = _prepare_qat(recipe, model, train_loader, info)
     steps = len(train_loader)
     if recipe["max_steps_per_epoch"]:
         steps = min(steps, recipe["max_steps_per_epoch"])
@@ -250,6 +254,8 @@ def _train(recipe: Mapping[str, Any], info: DistInfo) -> dict[str, Any]:
             }
             if ema is not None:
                 ckpt["state_dict_ema"] = _state_dict(ema.module)
+            if qat:  # a plain deploy state dict that every loader reads, and the scales the export writes
+                ckpt["state_dict"], ckpt["quant"] = qat_state(model)
             save_checkpoint(ckpt, ckpt_path, force=True)
             if improved:
                 save_checkpoint(ckpt, out / "best.pth", force=True)
@@ -257,6 +263,37 @@ def _train(recipe: Mapping[str, Any], info: DistInfo) -> dict[str, Any]:
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k != "epoch"))
     return {"best_top1": best, "last": history[-1] if history else None, "checkpoint": str(ckpt_path),
             "history": history, "model": model, "ema": ema.module if ema is not None else None}
+
+
+def _prepare_qat(recipe: Mapping[str, Any], model: nn.Module, train_loader, info: DistInfo) -> nn.Module:
+    """quant.init's weights in ``model``, fused and fake-quantized, activation scales calibrated on training batches.
+
+    A checkpoint of tools/train.py loads directly; any other layout goes through ``repvgg_tools.convert.load_model``.
+    """
+    init = recipe["quant"]["init"]
+    ckpt = load_checkpoint(init, map_location="cpu", mmap=False)
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
+    try:
+        if not isinstance(sd, Mapping):
+            raise RuntimeError("no state dict")
+        model.load_state_dict(sd)
+    except RuntimeError:
+        from ..convert import load_model
+
+        model, meta = load_model(init)
+        if meta["arch"] != recipe["model"]["arch"]:
+            raise RecipeError(f"quant.init={init} holds {meta['arch']!r}, the recipe trains "
+                              f"{recipe['model']['arch']!r}") from None
+    model = model.to(info.device)
+    want, batches = recipe["quant"]["calib_samples"], []
+    for images, _ in train_loader:
+        batches.append(images[: want - sum(len(b) for b in batches)])
+        if sum(len(b) for b in batches) >= want:
+            break
+    model = prepare_qat(model, batches)
+    if recipe["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    return model.train()
 
 
 def _fmt(v: Any) -> str:
