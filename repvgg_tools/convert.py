@@ -346,7 +346,7 @@ def _convert_vgg(job: _Job, arch, hints, out_layout, detected, size) -> _Convert
         w = sd[p.conv("weight")]
         keys = {f"bn.{n}": p.bn(n) for n in ("weight", "bias", "running_mean", "running_var") if p.bn(n) in sd}
         bn = read_bn(sd, keys, "bn", w.shape[0], p.bn("")[:-1])
-        parts[p.conv("weight")] = (p, BlockParts(Branch(w, sd.get(p.conv("bias")), bn), None, None, 1))
+        parts[p.conv("weight")] = (p, BlockParts(Branch(w, sd.get(p.conv("bias")), bn), None, False, None, 1))
     job.dtype = sd[pairs[0].conv("weight")].dtype if pairs else _first_float_dtype(sd)
     verifier = Verifier(model_arch, sd, job.eps, size) if job.verify and pairs else None
     rename = vgg_index_map(sd, pairs)

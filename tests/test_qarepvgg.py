@@ -194,6 +194,9 @@ def test_builders_are_importable_documented_and_registered():
     with torch.device("meta"):
         model = qarepvgg_a0(num_classes=7)
     assert isinstance(model, zoo.RepVGG) and model.head.fc.out_features == 7
+    for name in list_models():  # every registered model, VGG included, is an importable, documented function
+        builder = getattr(zoo, name)
+        assert name in zoo.__all__ and builder.__name__ == name and builder.__doc__
     assert all(isinstance(b, QARepVGGBlock) for b in _blocks(model))
 
 

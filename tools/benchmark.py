@@ -124,6 +124,18 @@ peak = status('VmHWM')
 print(json.dumps({"seconds": dt, "peak_above_baseline": peak - base}))
 """
 
+CONVERT_FLOOR = """
+import json, sys, time, torch
+def status(field):
+    for line in open('/proc/self/status'):
+        if line.startswith(field): return int(line.split()[1]) * 1024
+base = status('VmRSS'); t0 = time.perf_counter()
+torch.save(torch.load(sys.argv[1], weights_only=True, mmap=True), sys.argv[2])
+dt = time.perf_counter() - t0
+peak = status('VmHWM')
+print(json.dumps({"seconds": dt, "peak_above_baseline": peak - base}))
+"""
+
 CONVERT_TIMM = """
 import json, sys, time, torch, timm
 from timm.models import load_checkpoint
@@ -144,7 +156,8 @@ print(json.dumps({"seconds": dt, "peak_above_baseline": peak - base}))
 
 def bench_conversion(arch: str = "repvgg_b3") -> dict:
     """Convert one timm-layout training checkpoint of ``arch`` with ours (``convert_file``, no verify) and timm's
-    path (build, load, reparameterize, save), each in its own process; compare time, peak RSS and the results."""
+    path (build, load, reparameterize, save), each in its own process, next to the I/O floor (a plain
+    ``torch.load(mmap=True)`` + ``torch.save`` of the same file); compare time, peak RSS and the results."""
     import timm
 
     from repvgg_tools import randomize_batchnorm
@@ -156,7 +169,8 @@ def bench_conversion(arch: str = "repvgg_b3") -> dict:
         del model
         result = {"arch": arch, "checkpoint_bytes": src.stat().st_size}
         outs = {}
-        for label, code, extra in (("ours", CONVERT_OURS, []), ("timm", CONVERT_TIMM, [TIMM_NAMES[arch]])):
+        for label, code, extra in (("io_floor", CONVERT_FLOOR, []), ("ours", CONVERT_OURS, []),
+                                   ("timm", CONVERT_TIMM, [TIMM_NAMES[arch]])):
             out = Path(tmp) / f"{label}.pth"
             proc = subprocess.run([sys.executable, "-c", code, str(src), str(out), *extra], capture_output=True,
                                   text=True, cwd=Path(__file__).resolve().parents[1])
@@ -164,7 +178,8 @@ def bench_conversion(arch: str = "repvgg_b3") -> dict:
                 result[label] = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
                 continue
             result[label] = json.loads(proc.stdout.strip().splitlines()[-1])
-            outs[label] = out
+            if label != "io_floor":
+                outs[label] = out
         if len(outs) == 2:
             a = torch.load(outs["ours"], weights_only=True, mmap=True)
             a = a.get("state_dict", a)
@@ -288,15 +303,21 @@ def write_report(report: dict, out: Path) -> None:
                   f"{conv['checkpoint_bytes'] / 1e6:.0f} MB), each in its own process, peak RSS above the process's "
                   "RSS after imports.", "", "| converter | time (s) | peak RAM above baseline (MB) | x checkpoint |",
                   "|---|---:|---:|---:|"]
-        for label in ("ours", "timm"):
+        names = {"io_floor": "I/O floor (`torch.load(mmap=True)` + `torch.save`)",
+                 "ours": "ours (`convert_file(verify=False)`)",
+                 "timm": "timm (create, load_checkpoint, reparameterize_model, save)"}
+        for label in ("io_floor", "ours", "timm"):
             r = conv.get(label, {})
             if "error" in r:
                 lines.append(f"| {label} | error: {r['error']} | | |")
             elif r:
-                lines.append(f"| {label} (`convert_file(verify=False)`)" if label == "ours" else
-                             "| timm (create, load_checkpoint, reparameterize_model, save)")
+                lines.append(f"| {names[label]}")
                 lines[-1] += (f" | {r['seconds']:.2f} | {r['peak_above_baseline'] / 1e6:.0f} | "
                               f"{r['peak_above_baseline'] / conv['checkpoint_bytes']:.2f} |")
+        times = {k: conv[k]["seconds"] for k in ("io_floor", "ours", "timm") if "seconds" in conv.get(k, {})}
+        if {"io_floor", "ours", "timm"} <= set(times):
+            lines += ["", f"Ours: {times['ours'] / times['io_floor']:.2f}x the I/O floor, "
+                      f"{times['ours'] / times['timm']:.2f}x timm's time."]
         if "max_rel_diff_ours_vs_timm" in conv:
             lines += ["", f"Same keys: {conv['same_keys']}; max relative difference of the fused tensors, ours vs "
                       f"timm: {conv['max_rel_diff_ours_vs_timm']:.2e}.", ""]

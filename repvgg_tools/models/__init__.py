@@ -40,7 +40,20 @@ from .repvgg import (
     repvgg_b3g4,
     repvgg_d2se,
 )
-from .vgg import VGG, VGG_CONFIGS
+from .vgg import (
+    VGG,
+    VGG_CONFIGS,
+    vgg11,
+    vgg11_bn,
+    vgg11_lrn,
+    vgg13,
+    vgg13_bn,
+    vgg16,
+    vgg16_bn,
+    vgg16_c,
+    vgg19,
+    vgg19_bn,
+)
 
 __all__ = [
     "create_model", "is_model", "list_models", "register_model",
@@ -49,4 +62,5 @@ __all__ = [
     "repvgg_b2g2", "repvgg_b2g4", "repvgg_b3", "repvgg_b3g2", "repvgg_b3g4", "repvgg_d2se",
     "qarepvgg_a0", "qarepvgg_a1", "qarepvgg_a2", "qarepvgg_b0", "qarepvgg_b1", "qarepvgg_b1g2", "qarepvgg_b1g4",
     "qarepvgg_b2", "qarepvgg_b2g2", "qarepvgg_b2g4", "qarepvgg_b3", "qarepvgg_b3g2", "qarepvgg_b3g4",
+    "vgg11", "vgg11_bn", "vgg11_lrn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg16_c", "vgg19", "vgg19_bn",
 ]
