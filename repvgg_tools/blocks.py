@@ -64,19 +64,10 @@ class SEBlock(nn.Module):
         return x * s
 
 
-class RepVGGBlock(nn.Module):
-    """``ReLU(SE(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x)))`` in training form; ``ReLU(SE(conv3x3(x)))`` deployed.
-
-    The identity branch exists when ``in_ch == out_ch`` and ``stride == 1``. ``use_1x1``/``use_identity`` switch
-    branches off (the paper's ablations). SE is optional and survives deployment.
-
-    Args:
-        in_ch, out_ch: channels.
-        stride, dilation, groups: of the 3x3 convolution; every branch shares them.
-        use_1x1, use_identity: keep the 1x1 and identity branches.
-        se_ratio: SE reduction (``out_ch * se_ratio`` hidden channels); 0 disables SE.
-        deploy: build the single-conv deploy form directly.
-    """
+class _BranchBlock(nn.Module):
+    """What RepVGG and QARepVGG blocks share: a 3x3 conv+BN, an optional 1x1 and identity branch, an optional BN
+    after the sum, SE and ReLU, and a deploy form that is one 3x3 conv (``reparam``). Subclasses build the side
+    branches (:meth:`_side_branches`) and compute the fused ``(kernel, bias)`` (:meth:`kernel_bias`)."""
 
     def __init__(
         self, in_ch: int, out_ch: int, stride: int = 1, groups: int = 1, dilation: int = 1, *,
@@ -92,10 +83,10 @@ class RepVGGBlock(nn.Module):
             self.reparam = nn.Conv2d(in_ch, out_ch, 3, stride, dilation, dilation, groups, bias=True)
             return
         self.branch_3x3 = ConvBN(in_ch, out_ch, 3, stride, dilation, dilation, groups)
-        # padding p - d*(k//2) = 0 keeps the 1x1 output aligned with the 3x3 centre tap for any stride/dilation
-        self.branch_1x1 = ConvBN(in_ch, out_ch, 1, stride, 0, 1, groups) if use_1x1 else None
-        has_identity = use_identity and in_ch == out_ch and stride == 1
-        self.branch_identity = nn.BatchNorm2d(in_ch) if has_identity else None
+        self._side_branches(use_1x1, use_identity and in_ch == out_ch and stride == 1)
+
+    def _side_branches(self, use_1x1: bool, has_identity: bool) -> None:
+        raise NotImplementedError
 
     @property
     def is_deployed(self) -> bool:
@@ -109,7 +100,44 @@ class RepVGGBlock(nn.Module):
             out = out + self.branch_1x1(x)
         if self.branch_identity is not None:
             out = out + self.branch_identity(x)
-        return self.act(self.se(out))
+        post_bn = getattr(self, "post_bn", None)
+        return self.act(self.se(out if post_bn is None else post_bn(out)))
+
+    def kernel_bias(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Replace the branches (and a BN after their sum) by one 3x3 conv with bias, in place. Calling it again
+        does nothing."""
+        if self.is_deployed:
+            return
+        kernel, bias = self.kernel_bias()
+        reparam = _conv_from(self.branch_3x3.conv, kernel, bias)
+        del self.branch_3x3, self.branch_1x1, self.branch_identity
+        if hasattr(self, "post_bn"):
+            del self.post_bn
+        self.reparam = reparam
+
+
+class RepVGGBlock(_BranchBlock):
+    """``ReLU(SE(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x)))`` in training form; ``ReLU(SE(conv3x3(x)))`` deployed.
+
+    The identity branch exists when ``in_ch == out_ch`` and ``stride == 1``. ``use_1x1``/``use_identity`` switch
+    branches off (the paper's ablations). SE is optional and survives deployment.
+
+    Args:
+        in_ch, out_ch: channels.
+        stride, dilation, groups: of the 3x3 convolution; every branch shares them.
+        use_1x1, use_identity: keep the 1x1 and identity branches.
+        se_ratio: SE reduction (``out_ch * se_ratio`` hidden channels); 0 disables SE.
+        deploy: build the single-conv deploy form directly.
+    """
+
+    def _side_branches(self, use_1x1: bool, has_identity: bool) -> None:
+        # padding p - d*(k//2) = 0 keeps the 1x1 output aligned with the 3x3 centre tap for any stride/dilation
+        self.branch_1x1 = ConvBN(self.in_ch, self.out_ch, 1, self.stride, 0, 1, self.groups) if use_1x1 else None
+        self.branch_identity = nn.BatchNorm2d(self.in_ch) if has_identity else None
 
     def kernel_bias(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """Equivalent 3x3 ``(kernel, bias)`` of the block's branch sum; differentiable (used by the custom L2).
@@ -128,16 +156,6 @@ class RepVGGBlock(nn.Module):
             branches.append((eye, None, bn_tensors(self.branch_identity)))
         return fusion.fuse_branches(branches, dtype or weight.dtype)
 
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Replace the branches by one 3x3 conv with bias, in place. Calling it again does nothing."""
-        if self.is_deployed:
-            return
-        kernel, bias = self.kernel_bias()
-        reparam = _conv_from(self.branch_3x3.conv, kernel, bias)
-        del self.branch_3x3, self.branch_1x1, self.branch_identity
-        self.reparam = reparam
-
 
 def _conv_from(conv: nn.Conv2d, kernel: Tensor, bias: Tensor) -> nn.Conv2d:
     """A Conv2d with ``conv``'s geometry holding the fused ``kernel`` and ``bias`` (the deploy conv of a block)."""
@@ -151,7 +169,7 @@ def _conv_from(conv: nn.Conv2d, kernel: Tensor, bias: Tensor) -> nn.Conv2d:
     return reparam
 
 
-class QARepVGGBlock(nn.Module):
+class QARepVGGBlock(_BranchBlock):
     """QARepVGG (Chu et al., 2023, M1-M4): ``ReLU(SE(BN(BN_3(conv3x3(x)) + conv1x1(x) + x)))`` in training form,
     ``ReLU(SE(conv3x3(x)))`` deployed.
 
@@ -169,39 +187,12 @@ class QARepVGGBlock(nn.Module):
         deploy: build the single-conv deploy form directly.
     """
 
-    def __init__(
-        self, in_ch: int, out_ch: int, stride: int = 1, groups: int = 1, dilation: int = 1, *,
-        use_1x1: bool = True, use_identity: bool = True, se_ratio: float = 0.0, deploy: bool = False,
-    ) -> None:
-        super().__init__()
-        if in_ch % groups or out_ch % groups:
-            raise ValueError(f"groups={groups} must divide in_ch={in_ch} and out_ch={out_ch}")
-        self.in_ch, self.out_ch, self.stride, self.groups, self.dilation = in_ch, out_ch, stride, groups, dilation
-        self.se = SEBlock(out_ch, max(1, int(out_ch * se_ratio))) if se_ratio > 0 else nn.Identity()
-        self.act = nn.ReLU()
-        if deploy:
-            self.reparam = nn.Conv2d(in_ch, out_ch, 3, stride, dilation, dilation, groups, bias=True)
-            return
-        self.branch_3x3 = ConvBN(in_ch, out_ch, 3, stride, dilation, dilation, groups)
+    def _side_branches(self, use_1x1: bool, has_identity: bool) -> None:
         # padding p - d*(k//2) = 0 keeps the 1x1 output aligned with the 3x3 centre tap for any stride/dilation
-        self.branch_1x1 = nn.Conv2d(in_ch, out_ch, 1, stride, 0, 1, groups, bias=False) if use_1x1 else None
-        has_identity = use_identity and in_ch == out_ch and stride == 1
+        self.branch_1x1 = (nn.Conv2d(self.in_ch, self.out_ch, 1, self.stride, 0, 1, self.groups, bias=False)
+                           if use_1x1 else None)
         self.branch_identity = nn.Identity() if has_identity else None
-        self.post_bn = nn.BatchNorm2d(out_ch)
-
-    @property
-    def is_deployed(self) -> bool:
-        return hasattr(self, "reparam")
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.is_deployed:
-            return self.act(self.se(self.reparam(x)))
-        out = self.branch_3x3(x)
-        if self.branch_1x1 is not None:
-            out = out + self.branch_1x1(x)
-        if self.branch_identity is not None:
-            out = out + self.branch_identity(x)
-        return self.act(self.se(self.post_bn(out)))
+        self.post_bn = nn.BatchNorm2d(self.out_ch)
 
     def kernel_bias(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """Equivalent 3x3 ``(kernel, bias)`` of ``post_bn(branch sum)`` (:func:`fusion.fuse_qa_branches`);
@@ -219,14 +210,3 @@ class QARepVGGBlock(nn.Module):
             self.groups if self.branch_identity is not None else None,
             bn_tensors(self.post_bn), dtype or weight.dtype,
         )
-
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Replace the branches and the post-sum BN by one 3x3 conv with bias, in place. Calling it again does
-        nothing."""
-        if self.is_deployed:
-            return
-        kernel, bias = self.kernel_bias()
-        reparam = _conv_from(self.branch_3x3.conv, kernel, bias)
-        del self.branch_3x3, self.branch_1x1, self.branch_identity, self.post_bn
-        self.reparam = reparam
