@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "dtype: 1e-5 for float32, 1e-2 float16, 5e-2 bfloat16, 1e-12 float64)")
     p.add_argument("--bn-eps", type=float, metavar="EPS", help="BatchNorm epsilon the model was trained with "
                    "(default: the checkpoint's bn_eps entry, else 1e-5, PyTorch's default)")
+    p.add_argument("--model", metavar="PKG.MODULE:FACTORY", help="your own network: import FACTORY from your code "
+                   "(this runs it: an explicit opt-in), load INPUT into it, fuse every linear sub-graph with the graph "
+                   "fuser, verify in float64 and save (see docs/fuser.md)")
+    p.add_argument("--export-onnx", metavar="FILE", help="with --model: also write a plain fp32 ONNX")
+    p.add_argument("--input-shape", type=int, nargs=4, metavar=("N", "C", "H", "W"),
+                   help="with --model: the input the model takes (default: 1 x its first conv's channels x 64 x 64)")
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT (and the --json file) if present")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE ('-' for stdout)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only errors")
@@ -62,6 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..checkpoint import CheckpointError, check_output_path
     from ..convert import ConversionError, VerificationError, convert_file
 
+    if args.model is not None:
+        return _convert_user_model(args)
+    if args.export_onnx or args.input_shape:
+        error("--export-onnx and --input-shape need --model")
+        return EXIT_USAGE
     try:
         if args.json not in (None, "-"):
             check_output_path(args.json, args.force, (args.input, args.output))
@@ -96,6 +107,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (CheckpointError, OSError) as exc:
             error(exc)
             return EXIT_USAGE
+    return EXIT_OK
+
+
+def _convert_user_model(args: argparse.Namespace) -> int:
+    """``--model``: the user's network through the graph fuser (``graph_convert.convert_user_model``)."""
+    from ..checkpoint import CheckpointError, check_output_path
+    from ..convert import ConversionError
+    from ..graph_convert import FusionVerificationError, convert_user_model
+
+    unsupported = [flag for flag, given in (("--arch", args.arch), ("--layout", args.layout),
+                                            ("--out-layout", args.out_layout), ("--bn-eps", args.bn_eps)) if given]
+    if unsupported:
+        error(f"{', '.join(unsupported)} do not apply with --model (your code builds the model)")
+        return EXIT_USAGE
+    try:
+        for path in (args.json if args.json not in (None, "-") else None, args.export_onnx):
+            if path is not None:
+                check_output_path(path, args.force, (args.input, args.output))
+        report = convert_user_model(args.model, args.input, args.output, export_onnx=args.export_onnx,
+                                    force=args.force, verify=args.verify, ema=args.ema,
+                                    input_shape=args.input_shape, **({"rtol": args.rtol} if args.rtol else {}))
+    except FusionVerificationError as exc:
+        error(f"{one_line(exc)}; nothing written")
+        return EXIT_VERIFY
+    except (CheckpointError, ConversionError, ValueError, OSError) as exc:
+        if args.traceback:
+            raise
+        error(exc)
+        return EXIT_USAGE
+    if not args.quiet:
+        v = report.get("verify")
+        print(f"fused:       {len(report.get('fused', []))} sub-graphs, {len(report.get('unfused', []))} left as they "
+              "are")
+        if v:
+            print(f"verify:      float64: max rel err {v.get('max_rel', float('nan')):.3e}")
+        print(f"wrote {args.output}" + (f" and {args.export_onnx}" if args.export_onnx else ""))
+    if args.json:
+        _write_json(args.json, {**report, "exit_code": EXIT_OK}, force=args.force)
     return EXIT_OK
 
 
