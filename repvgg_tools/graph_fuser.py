@@ -1,0 +1,366 @@
+"""The graph fuser: reparameterize any network by reading its graph, no per-block method needed.
+
+:func:`graph_fuse` traces a model with ``torch.fx``, finds every maximal affine sub-graph (convs, BatchNorms,
+linears, average pools, constant pads, sums, differences, layer scales and concatenations that share one input and
+end in one output; see :mod:`repvgg_tools.graph_match`), computes the single convolution each equals in float64,
+checks it on random inputs against the original operations in float64, and only then swaps it in. The smallest
+module whose ``forward`` contains a sub-graph is replaced by its rewritten ``torch.fx.GraphModule``, so the model
+keeps its class and its other modules. A :class:`FuseReport` lists what was fused, what was not and why.
+Untraceable modules are skipped with a warning (their children are tried one by one), never guessed.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from . import graph_match
+from .graph_match import AffineMap
+
+__all__ = ["FuseReport", "FusedItem", "graph_fuse", "example_inputs_for", "VERIFY_RTOL"]
+
+log = logging.getLogger(__name__)
+
+# float64 check of each replacement, max|a-b| / max|b|: this, or 10 ulp of the model's dtype if larger (constants a
+# model computes itself, such as DBB's pad values, are exact to its own precision only)
+VERIFY_RTOL = 1e-10
+_LEAVES = (nn.modules.batchnorm._BatchNorm, nn.modules.conv._ConvNd, nn.Linear, nn.modules.pooling._AvgPoolNd)
+
+
+@dataclass
+class FusedItem:
+    """One replacement: ``before`` (the operations) became ``after`` (one module); ``max_rel`` from its check."""
+
+    module: str
+    node: str
+    before: list[str]
+    after: str
+    max_rel: float
+
+
+@dataclass
+class FuseReport:
+    """What :func:`graph_fuse` did: ``fused`` replacements, ``unfused`` (where, reason) pairs and ``skipped``
+    (module, reason) pairs for modules that could not be traced."""
+
+    fused: list[FusedItem] = field(default_factory=list)
+    unfused: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"fused {len(self.fused)} sub-graphs, {len(self.unfused)} left unfused, "
+                 f"{len(self.skipped)} modules not traced"]
+        lines += [f"  fused {f.module or '<model>'}:{f.node}: {' + '.join(f.before)} -> {f.after} "
+                  f"(rel err {f.max_rel:.1e})" for f in self.fused]
+        lines += [f"  unfused {where}: {why}" for where, why in self.unfused]
+        lines += [f"  not traced {where}: {why}" for where, why in self.skipped]
+        return "\n".join(lines)
+
+
+class _Tracer(fx.Tracer):
+    """Keeps convs, BatchNorms (timm's BatchNormAct2d included), linears and pools as leaves."""
+
+    def __init__(self, leaves: tuple = ()) -> None:
+        super().__init__()
+        self.leaves = _LEAVES + tuple(leaves)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
+
+
+@dataclass
+class _Context:
+    inputs: dict
+    report: FuseReport
+    leaves: tuple
+    rtol: float
+    seed: int = 0
+
+
+def example_inputs_for(model: nn.Module, size: int = 64) -> tuple | None:
+    """A random input guessed from the first Conv2d (``(1, C, size, size)``) or Linear (``(1, C)``); ``None``."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            shape = (1, m.in_channels, size, size)
+        elif isinstance(m, nn.Linear):
+            shape = (1, m.in_features)
+        else:
+            continue
+        gen = torch.Generator().manual_seed(0)
+        return (torch.randn(*shape, generator=gen).to(m.weight.dtype).to(m.weight.device),)
+    return None
+
+
+def graph_fuse(
+    model: nn.Module, example_inputs: tuple | None = None, *, inplace: bool = False, leaf_modules: tuple = (),
+    rtol: float = VERIFY_RTOL,
+) -> tuple[nn.Module, FuseReport]:
+    """Fuse every affine sub-graph of ``model`` into one convolution (or linear), checked numerically.
+
+    No module method is called: the structure is read from the traced graph. Use
+    :func:`repvgg_tools.reparameterize` for the full conversion (blocks' own methods first, then this).
+
+    Args:
+        model: the model; BatchNorms use running statistics (the model is evaluated in eval mode and the modules
+            it keeps get their training flags back).
+        example_inputs: positional inputs of one forward call; default: a ``(1, C, 64, 64)`` random image sized
+            from the first Conv2d. Only shapes matter; the checks use fresh random inputs.
+        inplace: modify ``model`` instead of a deep copy (replaced sub-modules are swapped in place; a model
+            whose own ``forward`` holds a sub-graph is returned as a new GraphModule either way).
+        leaf_modules: extra module classes the tracer must not enter (e.g. ones with data-dependent control flow).
+        rtol: float64 tolerance of each replacement's check.
+
+    Returns:
+        ``(fused model, report)``.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = FuseReport()
+    params = list(model.parameters()) + list(model.buffers())
+    if any(p.is_meta for p in params):
+        report.skipped.append(("<model>", "meta tensors hold no values to fuse or check"))
+        return model, report
+    modes, top_mode = {m: m.training for m in model.modules()}, model.training
+    model.eval()
+    try:
+        inputs = _capture_inputs(model, example_inputs)
+        if inputs is None:
+            report.skipped.append(("<model>", "no example input: pass example_inputs"))
+        else:
+            model = _fuse_module(model, "", _Context(inputs, report, tuple(leaf_modules), rtol))
+    finally:
+        for m in model.modules():  # kept modules get their flags back; new ones take the model's
+            m.training = modes.get(m, top_mode)
+    log.info("graph fuser: %s", report)
+    return model, report
+
+
+def _capture_inputs(model: nn.Module, example_inputs: tuple | None) -> dict | None:
+    """Run one forward and keep each module's first call arguments (for tracing shapes of sub-modules)."""
+    if example_inputs is None:
+        example_inputs = example_inputs_for(model)
+        if example_inputs is None:
+            return None
+    elif not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    seen: dict = {}
+
+    def hook(module, args, kwargs):
+        seen.setdefault(id(module), (args, kwargs))
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    except Exception as exc:  # noqa: BLE001 - a model that needs other inputs: say so, do nothing
+        log.warning("graph fuser: the model did not run on an example input (%s); pass example_inputs", exc)
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _trace(module: nn.Module, args: tuple, kwargs: dict, leaves: tuple) -> fx.GraphModule:
+    tracer = _Tracer(leaves)
+    graph = tracer.trace(module)
+    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    if kwargs:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        args = tuple(bound.arguments.values())
+    ShapeProp(gm).propagate(*args)
+    return gm
+
+
+def _fuse_module(module: nn.Module, path: str, ctx: _Context) -> nn.Module:
+    captured = ctx.inputs.get(id(module))
+    if captured is None:
+        return module
+    try:
+        gm = _trace(module, *captured, ctx.leaves)
+    except Exception as exc:  # noqa: BLE001 - untraceable: skip it, try its children
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        ctx.report.skipped.append((path or type(module).__name__, reason))
+        log.warning("graph fuser: cannot trace %s (%s); trying its children", path or type(module).__name__, reason)
+        for name, child in list(module.named_children()):
+            new = _fuse_module(child, _join(path, name), ctx)
+            if new is not child:
+                setattr(module, name, new)
+        return module
+    found = graph_match.plan(gm)
+    todo = {n: m for n, m in found.outputs.items() if _worth_fusing(found, m)}
+    if not path or not ctx.report.unfused:
+        _note_unfused(found, path, ctx)
+    if not todo:
+        return module
+    lcas = {n: _lca(m) for n, m in todo.items()}
+    if any(lca == "" for lca in lcas.values()):
+        return _rewrite(gm, found, todo, path, ctx)
+    done: list[str] = []
+    for lca in sorted(set(lcas.values()), key=lambda p: p.count(".")):
+        if any(lca == d or lca.startswith(d + ".") for d in done):
+            continue
+        done.append(lca)
+        sub = module.get_submodule(lca)
+        new = _fuse_module(sub, _join(path, lca), ctx)
+        if new is not sub:
+            parent, _, name = lca.rpartition(".")
+            setattr(module.get_submodule(parent), name, new)
+    return module
+
+
+def _value_nodes(found, m: AffineMap) -> list:
+    return [n for n in m.nodes if found.analysis.ops[n][0] != "unary" or found.analysis.ops[n][2].kind != "identity"]
+
+
+def _worth_fusing(found, m: AffineMap) -> bool:
+    """A sub-graph with a weighted conv and something else to fold into it."""
+    return m.weighted > 0 and len(_value_nodes(found, m)) > 1
+
+
+def _note_unfused(found, path: str, ctx: _Context) -> None:
+    for node, why in found.refusals.items():
+        ctx.report.unfused.append((_join(path, node.name), why))
+    for node, m in found.outputs.items():
+        if m.kernel_ops == 0 and not m.identity and _value_nodes(found, m):
+            ctx.report.unfused.append((_join(path, node.name), f"{' + '.join(m.labels)}: no convolution to fold "
+                                       f"into (it follows {m.root.name}, which is not affine)"))
+
+
+def _lca(m: AffineMap) -> str:
+    stacks = [graph_match.node_container(n) for n in m.nodes]
+    common = stacks[0]
+    for s in stacks[1:]:
+        i = 0
+        while i < min(len(common), len(s)) and common[i] == s[i]:
+            i += 1
+        common = common[:i]
+    return common[-1] if common else ""
+
+
+def _rewrite(gm: fx.GraphModule, found, todo: dict, path: str, ctx: _Context) -> fx.GraphModule:
+    """Check each sub-graph in float64, then swap in its conv; identity-only chains are bypassed."""
+    graph = gm.graph
+    accepted = []
+    for node, m in todo.items():
+        module = _build(m, node)
+        err = _check(gm, found, node, m, module, ctx)
+        rtol = max(ctx.rtol, 10 * torch.finfo(node.meta["tensor_meta"].dtype).eps)
+        if err <= rtol:
+            accepted.append((node, m, module, err))
+        else:
+            ctx.report.unfused.append((_join(path, node.name), f"replacement failed its float64 check (rel err "
+                                       f"{err:.1e} > {rtol:.0e}): left as it was"))
+    for node, m, module, err in accepted:
+        name = _unique(gm, f"fused_{node.name}")
+        gm.add_module(name, module)
+        with graph.inserting_before(node):
+            new = graph.call_module(name, (m.root,))
+        node.replace_all_uses_with(new)
+        ctx.report.fused.append(FusedItem(path, node.name, [lbl for lbl in m.labels if lbl], str(module), err))
+    for node, m in found.outputs.items():  # identity-only chains (Identity, eval Dropout) read their root
+        if m.identity and node.users and node not in todo:
+            node.replace_all_uses_with(m.root)
+    _drop_dead(graph)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _drop_dead(graph: fx.Graph) -> None:
+    """Remove nodes nobody reads (in-place ops included: their results were replaced), keeping asserts/outputs."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(graph.nodes):
+            if node.op in ("placeholder", "output") or node.users:
+                continue
+            if node.op == "call_function" and node.target is torch._assert:
+                continue
+            if node.op == "call_module" or node.op == "get_attr" or node.op in ("call_function", "call_method"):
+                graph.erase_node(node)
+                changed = True
+
+
+def _unique(gm: nn.Module, name: str) -> str:
+    base, i = name, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _build(m: AffineMap, node: fx.Node) -> nn.Module:
+    shape, dtype = node.meta["tensor_meta"].shape, node.meta["tensor_meta"].dtype
+    device = m.kernel.device
+    kernel, bias = m.kernel.to(dtype=dtype, device=device), m.bias.to(dtype=dtype, device=device)
+    co, ci = kernel.shape[0], kernel.shape[1] * m.groups
+    if m.rank == 2:
+        layer = nn.Linear(ci, co, device="meta")
+        layer.weight = nn.Parameter(kernel[:, :, 0, 0].contiguous())
+    else:
+        layer = nn.Conv2d(ci, co, tuple(kernel.shape[-2:]), m.stride, m.padding, m.dilation, m.groups,
+                          device="meta")
+        layer.weight = nn.Parameter(kernel.contiguous())
+    layer.bias = nn.Parameter(bias.contiguous())
+    if tuple(shape[1:2]) != (co,):
+        raise ValueError(f"fused {node.name} has {co} channels, the graph {shape[1]}")
+    return layer
+
+
+@torch.no_grad()
+def _check(gm: fx.GraphModule, found, node: fx.Node, m: AffineMap, module: nn.Module, ctx: _Context) -> float:
+    """max rel error, in float64 on a random input, between the original sub-graph and the replacement."""
+    meta = m.root.meta["tensor_meta"]
+    gen = torch.Generator().manual_seed(ctx.seed)
+    x = torch.randn(*meta.shape, generator=gen, dtype=torch.float64).to(m.kernel.device)
+    if m.rank == 2:
+        fused = F.linear(x, m.kernel[:, :, 0, 0].to(x.device), m.bias.to(x.device))
+    else:
+        fused = F.conv2d(x, m.kernel.to(x.device), m.bias.to(x.device), m.stride, m.padding, m.dilation, m.groups)
+    try:
+        ref = _evaluate(gm, found.analysis, m, node, x.clone())
+    except Exception as exc:  # noqa: BLE001 - the original ops do not run in float64: cannot check, do not fuse
+        log.warning("graph fuser: cannot evaluate %s in float64 (%s)", node.name, exc)
+        return float("inf")
+    if ref.shape != fused.shape:
+        return float("inf")
+    scale = ref.abs().max().item()
+    return (fused - ref).abs().max().item() / scale if scale > 0 else float((fused - ref).abs().max().item() > 0)
+
+
+def _evaluate(gm: fx.GraphModule, analysis, m: AffineMap, out: fx.Node, x: torch.Tensor) -> torch.Tensor:
+    """Run the original nodes of a sub-graph in float64 (modules through functional_call with float64 tensors)."""
+    env = {m.root: x}
+
+    def value(n):
+        if n in env:
+            return env[n]
+        c = analysis.consts[n]
+        return c.clone() if isinstance(c, torch.Tensor) else c
+
+    for node in gm.graph.nodes:
+        if node not in m.nodes:
+            continue
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            tensors = {k: (v.double() if v.is_floating_point() else v)
+                       for k, v in [*mod.named_parameters(), *mod.named_buffers()]}
+            env[node] = torch.func.functional_call(mod, tensors, tuple(args), kwargs)
+        elif node.op == "call_function":
+            env[node] = node.target(*args, **kwargs)
+        else:
+            env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+    return env[out]

@@ -1,0 +1,558 @@
+"""Affine analysis of a torch.fx graph: which nodes are affine maps of which input, composed into one convolution.
+
+Each node gets an :class:`AffineMap`: ``node = conv(root; kernel, stride, padding, dilation, groups) + bias``
+where ``root`` is the nearest non-affine node (or a cut). Unary affine ops (Conv2d, BatchNorm, Linear, AvgPool2d,
+constant pad, scale, bias, identity) compose sequentially; add, subtract and channel concatenation merge maps that
+share a root. Compositions that are not exact (a padded conv after a non-zero bias, branches whose centres do not
+align) or that would cost more than the operations they replace are refused: the input becomes a cut and a new map
+starts from it. :func:`plan` returns the nodes to materialize as single convolutions. The math is in
+:mod:`repvgg_tools.fusion_ops`; :mod:`repvgg_tools.graph_fuser` rewrites and verifies.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from . import fusion_ops as ops
+from .fusion import fuse_bn
+
+__all__ = ["AffineMap", "Op", "Analysis", "plan", "node_container"]
+
+_ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
+_SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
+_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+_DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
+_CAT = {torch.cat, torch.concat}
+_IDENTITY_METHODS = {"contiguous", "clone"}
+_DROPOUTS = (nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout)
+_BN_FORWARDS = {nn.BatchNorm1d.forward, nn.BatchNorm2d.forward, nn.modules.batchnorm._BatchNorm.forward}
+
+
+@dataclass
+class Op:
+    """One affine operation on a single tensor input, as a conv: ``y = conv(x; kernel, ...) + bias``.
+
+    ``kind`` is ``"identity"``, ``"diag"`` (per-channel scale/shift: BN, layer scale, bias), ``"conv"`` (a kernel:
+    conv, linear, avg pool) or ``"pad"`` (constant padding by ``padding`` with per-channel ``bias`` values).
+    """
+
+    kind: str
+    kernel: Tensor | None = None
+    bias: Tensor | None = None
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    label: str = ""
+    weighted: int = 1  # 0 for a pool: a kernel without weights
+    tol: float = 1e-9  # relative tolerance of a pad value check
+
+
+@dataclass
+class AffineMap:
+    """``value = conv(root) + bias`` in float64; ``nodes`` are the graph nodes it absorbs (the root excluded)."""
+
+    root: fx.Node
+    kernel: Tensor
+    bias: Tensor
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    rank: int
+    nodes: frozenset = frozenset()
+    kernel_ops: int = 0  # convs, linears and pools absorbed
+    cost: int = 0  # their weights' element count
+    identity: bool = True  # no op changed values (identity, dropout)
+    weighted: int = 0  # convs and linears with weights among kernel_ops (pools are not)
+    labels: tuple = ()
+
+    @property
+    def pointwise(self) -> bool:
+        return tuple(self.kernel.shape[-2:]) == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+
+    def describe(self) -> str:
+        kh, kw = self.kernel.shape[-2:]
+        co, ci = self.kernel.shape[0], self.kernel.shape[1] * self.groups
+        if self.rank == 2:
+            return f"Linear({ci}->{co})"
+        return (f"Conv2d({ci}->{co}, {kh}x{kw}, stride {self.stride[0]}, padding {self.padding[0]}, "
+                f"dilation {self.dilation[0]}, groups {self.groups})")
+
+
+class Refused(ValueError):
+    """A composition that is not exact or not worth it; the message is the reason shown in the report."""
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _meta(node) -> tuple | None:
+    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return (tuple(tm.shape), tm.dtype) if tm is not None and hasattr(tm, "shape") else None
+
+
+def node_container(node: fx.Node) -> list[str]:
+    """Paths of the modules whose ``forward`` contains ``node`` (outermost first), from the tracer's module stack."""
+    paths = [v[0] if isinstance(v, tuple) else k for k, v in node.meta.get("nn_module_stack", {}).items()]
+    return paths[:-1] if node.op == "call_module" else paths
+
+
+class Analysis:
+    """Constant folding, op classification and affine maps over one traced, shape-propagated GraphModule."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        first = next(iter([*gm.parameters(), *gm.buffers()]), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.consts: dict[fx.Node, object] = {}
+        self.ops: dict[fx.Node, tuple] = {}
+        self.refusals: dict[fx.Node, str] = {}
+        self.modules = dict(gm.named_modules())
+        for node in gm.graph.nodes:
+            self._fold_constant(node)
+            if node not in self.consts:
+                self.ops[node] = self._classify(node)
+
+    # ---- constants --------------------------------------------------------------------------------------
+    def _fold_constant(self, node: fx.Node) -> None:
+        """Evaluate in float64 the nodes that depend only on parameters, buffers and literals."""
+        if node.op == "get_attr":
+            self.consts[node] = _as64(_fetch(self.gm, node.target))
+            return
+        if node.op not in ("call_function", "call_method") or node.target is torch._assert:
+            return
+        inputs = node.all_input_nodes
+        if not inputs or not all(n in self.consts for n in inputs):
+            return
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self.consts[n])
+        try:
+            if node.op == "call_function":
+                self.consts[node] = node.target(*args, **kwargs)
+            else:
+                self.consts[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        except Exception:  # noqa: BLE001 - not a constant we can evaluate: leave it to the graph
+            return
+
+    def const(self, arg) -> Tensor | None:
+        if isinstance(arg, fx.Node):
+            value = self.consts.get(arg)
+            return value if isinstance(value, Tensor) else (torch.tensor(float(value), dtype=torch.float64)
+                                                             if isinstance(value, (int, float)) else None)
+        if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            return torch.tensor(float(arg), dtype=torch.float64)
+        return None
+
+    # ---- classification ---------------------------------------------------------------------------------
+    def _classify(self, node: fx.Node) -> tuple | None:
+        """``(kind, inputs, payload)``: ``("unary", x, Op)``, ``("sum", [(x, sign), ...])``, ``("cat", [x, ...])``;
+        ``None`` for a node that is not affine in one tensor."""
+        try:
+            if node.op == "call_module":
+                return self._classify_module(node, self.modules[node.target])
+            if node.op in ("call_function", "call_method"):
+                return self._classify_function(node)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+            return None
+        return None
+
+    def _channels(self, node: fx.Node) -> tuple[int, int] | None:
+        meta = _meta(node)
+        if meta is None or len(meta[0]) not in (2, 4) or not meta[1].is_floating_point:
+            return None
+        return meta[0][1], len(meta[0])
+
+    def _classify_module(self, node, m: nn.Module) -> tuple | None:
+        if not node.args or node.kwargs or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+            return None
+        x = node.args[0]
+        info = self._channels(x)
+        if info is None:
+            return None
+        c, rank = info
+        label = f"{type(m).__name__} {node.target}"
+        if isinstance(m, nn.Identity) or (isinstance(m, _DROPOUTS) and not m.training):
+            return ("unary", x, Op("identity", label=label))
+        if type(m).forward is nn.Conv2d.forward and rank == 4 and m.padding_mode == "zeros" \
+                and not isinstance(m.padding, str):
+            return ("unary", x, Op("conv", _as64(m.weight), _bias64(m.bias, m.out_channels, m.weight),
+                                   _pair(m.stride), _pair(m.padding), _pair(m.dilation), m.groups, label))
+        if type(m).forward is nn.Linear.forward and rank == 2:
+            return ("unary", x, Op("conv", _as64(m.weight)[:, :, None, None],
+                                   _bias64(m.bias, m.out_features, m.weight), label=label))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.running_mean is not None \
+                and (type(m).forward in _BN_FORWARDS or all(isinstance(ch, (nn.Identity, *_DROPOUTS))
+                                                             for ch in m.children())) \
+                and (rank == 4) == (m.running_mean.dim() == 1 and not isinstance(m, nn.BatchNorm1d)):
+            scale, shift = fuse_bn(m.running_mean, m.running_var, m.eps, m.weight, m.bias)
+            return ("unary", x, _diag(scale, shift, label))
+        if type(m) is nn.AvgPool2d and rank == 4 and m.count_include_pad and not m.ceil_mode \
+                and m.divisor_override is None:
+            return ("unary", x, _avg_op(c, m.kernel_size, m.stride, m.padding, label, self.device))
+        return None
+
+    def _classify_function(self, node) -> tuple | None:
+        t, args, kw = node.target, node.args, node.kwargs
+        if t in _ADD or t in _SUB:
+            if kw.get("alpha", 1) != 1:
+                return None
+            a, b = args[0], args[1]
+            sign = -1.0 if t in _SUB else 1.0
+            ca, cb = self.const(a), self.const(b)
+            if ca is None and cb is None:
+                return ("sum", [(a, 1.0), (b, sign)])
+            x, c = (a, cb * sign) if cb is not None else (b, ca)
+            if ca is not None and sign < 0:  # const - x
+                return self._scaled_unary(b, -1.0, ca, f"{node.name}")
+            return self._scaled_unary(x, 1.0, c, node.name)
+        if t in _MUL:
+            ca, cb = self.const(args[0]), self.const(args[1])
+            if (ca is None) == (cb is None):
+                return None
+            return self._scaled_unary(args[1] if ca is not None else args[0], ca if ca is not None else cb, 0.0,
+                                      node.name)
+        if t in _DIV:
+            cb = self.const(args[1])
+            if cb is None or kw.get("rounding_mode") is not None:
+                return None
+            return self._scaled_unary(args[0], 1.0 / cb, 0.0, node.name)
+        if t in _CAT:
+            tensors = args[0] if args else kw["tensors"]
+            dim = args[1] if len(args) > 1 else kw.get("dim", 0)
+            rank = self._channels(tensors[0])
+            if rank is None or dim not in (1, 1 - rank[1]) or not all(isinstance(n, fx.Node) for n in tensors):
+                return None
+            return ("cat", list(tensors))
+        if t in _IDENTITY_METHODS and len(args) == 1 and not kw:
+            return ("unary", args[0], Op("identity", label=node.name))
+        if t is F.dropout and (args[2] if len(args) > 2 else kw.get("training", True)) is False:
+            return ("unary", args[0], Op("identity", label=node.name))
+        if t is F.pad:
+            return self._pad(node)
+        if t is F.batch_norm:
+            return self._functional_bn(node)
+        if t is F.conv2d or t is F.linear:
+            return self._functional_conv(node)
+        if t is F.avg_pool2d:
+            names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+            p = dict(zip(names, args, strict=False)) | dict(kw)
+            if p.get("ceil_mode", False) or not p.get("count_include_pad", True) or p.get("divisor_override"):
+                return None
+            info = self._channels(p["input"])
+            if info is None or info[1] != 4:
+                return None
+            return ("unary", p["input"], _avg_op(info[0], p["kernel_size"], p.get("stride") or p["kernel_size"],
+                                                 p.get("padding", 0), node.name, self.device))
+        return None
+
+    def _scaled_unary(self, x, scale, shift, label) -> tuple | None:
+        info = self._channels(x) if isinstance(x, fx.Node) else None
+        if info is None:
+            return None
+        c, rank = info
+        scale, shift = _per_channel(scale, c, rank), _per_channel(shift, c, rank)
+        if scale is None or shift is None:
+            return None
+        scale, shift = scale.to(self.device), shift.to(self.device)
+        return ("unary", x, _diag(scale, shift, label))
+
+    def _pad(self, node) -> tuple | None:
+        args, kw = node.args, node.kwargs
+        x, pad = args[0], args[1] if len(args) > 1 else kw["pad"]
+        mode = args[2] if len(args) > 2 else kw.get("mode", "constant")
+        value = args[3] if len(args) > 3 else kw.get("value", None)
+        info = self._channels(x)
+        if mode != "constant" or info is None or info[1] != 4 or len(pad) != 4 or pad[0] != pad[1] \
+                or pad[2] != pad[3] or min(pad) < 0:
+            return None
+        c = info[0]
+        fill = torch.full((c,), float(value or 0.0), dtype=torch.float64, device=self.device)
+        # pad values a model computes are exact to its own precision only (fx bakes some in as constants)
+        tol = 64 * torch.finfo(_meta(x)[1]).eps
+        return ("unary", x, Op("pad", bias=fill, padding=(pad[2], pad[0]), label=node.name, tol=tol))
+
+    def _functional_bn(self, node) -> tuple | None:
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+        p = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+        if p.get("training", False) is not False:
+            return None
+        mean, var = self.const(p["running_mean"]), self.const(p["running_var"])
+        if mean is None or var is None:
+            return None
+        w = self.const(p["weight"]) if p.get("weight") is not None else None
+        b = self.const(p["bias"]) if p.get("bias") is not None else None
+        scale, shift = fuse_bn(mean, var, float(p.get("eps", 1e-5)), w, b)
+        return ("unary", p["input"], _diag(scale, shift, node.name))
+
+    def _functional_conv(self, node) -> tuple | None:
+        linear = node.target is F.linear
+        names = ("input", "weight", "bias") + (() if linear else ("stride", "padding", "dilation", "groups"))
+        p = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+        w = self.const(p["weight"])
+        info = self._channels(p["input"])
+        if w is None or info is None or isinstance(p.get("padding", 0), str) or info[1] != (2 if linear else 4):
+            return None
+        b = self.const(p["bias"]) if p.get("bias") is not None else None
+        b = b if b is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+        if linear:
+            return ("unary", p["input"], Op("conv", w[:, :, None, None], b, label=node.name))
+        return ("unary", p["input"], Op("conv", w, b, _pair(p.get("stride", 1)), _pair(p.get("padding", 0)),
+                                        _pair(p.get("dilation", 1)), int(p.get("groups", 1)), node.name))
+
+    # ---- maps -------------------------------------------------------------------------------------------
+    def identity(self, node: fx.Node) -> AffineMap | None:
+        info = self._channels(node)
+        if info is None:
+            return None
+        c, rank = info
+        dd = {"dtype": torch.float64, "device": self.device}
+        return AffineMap(node, torch.ones(c, 1, 1, 1, **dd), torch.zeros(c, **dd),
+                         (1, 1), (0, 0), (1, 1), c, rank)
+
+    def maps(self, cuts: set) -> dict:
+        """Affine map of every affine node, roots at non-affine nodes and ``cuts``; refused joins add cuts."""
+        vals: dict[fx.Node, AffineMap] = {}
+
+        def base(x) -> AffineMap | None:
+            if not isinstance(x, fx.Node) or x in self.consts:
+                return None
+            if x in vals and x not in cuts:
+                return vals[x]
+            return self.identity(x)
+
+        for node in self.gm.graph.nodes:
+            entry = self.ops.get(node)
+            if entry is None:
+                continue
+            try:
+                if entry[0] == "unary":
+                    x, op = entry[1], entry[2]
+                    start = base(x)
+                    if start is None:
+                        continue
+                    try:
+                        vals[node] = self._absorb(apply_op(start, op), node)
+                    except Refused as why:
+                        if start.root is x:
+                            raise
+                        cuts.add(x)
+                        self.refusals[x] = str(why)
+                        vals[node] = self._absorb(apply_op(self.identity(x), op), node)
+                elif entry[0] == "sum":
+                    (a, sa), (b, sb) = entry[1]
+                    ma, mb = base(a), base(b)
+                    if ma is None or mb is None:
+                        continue
+                    if ma.root is not mb.root:  # x + f(x): the plain operand is the root of the other
+                        ma, mb = (self.identity(a), mb) if mb.root is a else (ma, self.identity(b))
+                    if ma.root is not mb.root:
+                        continue
+                    vals[node] = self._absorb(merge_sum(ma, mb, sa, sb), node)
+                else:
+                    parts = [base(x) for x in entry[1]]
+                    if any(p is None for p in parts) or len({id(p.root) for p in parts}) != 1:
+                        continue
+                    vals[node] = self._absorb(merge_cat(parts), node)
+            except Refused as why:
+                self.refusals[node] = str(why)
+        return vals
+
+    @staticmethod
+    def _absorb(m: AffineMap, node: fx.Node) -> AffineMap:
+        return replace(m, nodes=m.nodes | {node})
+
+
+def _as64(t):
+    return t.detach().to(torch.float64) if isinstance(t, Tensor) and t.is_floating_point() else t
+
+
+def _bias64(bias, n, like) -> Tensor:
+    return _as64(bias) if bias is not None else torch.zeros(n, dtype=torch.float64, device=like.device)
+
+
+def _fetch(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _per_channel(value, c: int, rank: int) -> Tensor | None:
+    t = value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
+    t = t.to(torch.float64)
+    if t.numel() == 1 and t.dim() <= rank:
+        return t.reshape(1).expand(c).clone()
+    shape = tuple(t.shape)
+    while shape and shape[0] == 1 and len(shape) > 1:
+        shape = shape[1:]
+    ok = shape == (c,) if rank == 2 else shape in ((c, 1, 1),)
+    return t.reshape(c) if ok and t.dim() <= rank else None
+
+
+def _diag(scale: Tensor, shift: Tensor, label: str) -> Op:
+    return Op("diag", scale.reshape(-1, 1, 1, 1), shift, groups=scale.numel(), label=label)
+
+
+def _avg_op(c: int, k, stride, padding, label: str, device) -> Op:
+    k = _pair(k)
+    return Op("conv", ops.avg_pool_kernel(c, k, device=device), torch.zeros(c, dtype=torch.float64, device=device),
+              _pair(stride),
+              _pair(padding), (1, 1), c, label, weighted=0)
+
+
+def _tiny(bias: Tensor, ref: Tensor, tol: float = 1e-9) -> bool:
+    scale = max(1.0, float(ref.detach().abs().max()) if ref.numel() else 1.0)
+    return bool((bias.detach().abs() <= tol * scale).all())
+
+
+def apply_op(m: AffineMap, op: Op) -> AffineMap:
+    """``op`` applied after ``m``; raises :class:`Refused` where the result is not exactly one convolution."""
+    labels = m.labels + (op.label,)
+    if op.kind == "identity":
+        return replace(m, labels=labels)
+    if op.kind == "diag":
+        k, b = ops.scale_branch(m.kernel, m.bias, op.kernel.reshape(-1))
+        return replace(m, kernel=k, bias=b + op.bias, identity=False, labels=labels)
+    if op.kind == "pad":
+        if tuple(m.kernel.shape[-2:]) != (1, 1) or m.stride != (1, 1) or m.rank != 4:
+            raise Refused(f"{op.label}: padding after a {m.kernel.shape[-1]}x{m.kernel.shape[-2]} stride "
+                          f"{m.stride[0]} map is not one convolution")
+        if not _tiny(m.bias - op.bias, m.bias, op.tol):
+            raise Refused(f"{op.label}: pads with values other than the bias of the map before it: the border "
+                          f"would differ")
+        pad = (m.padding[0] + op.padding[0], m.padding[1] + op.padding[1])
+        return replace(m, padding=pad, identity=False, labels=labels)
+    # a kernel after the map
+    if op.padding != (0, 0):
+        if not m.pointwise and not (m.identity and m.padding == (0, 0)):
+            raise Refused(f"{op.label}: padded {tuple(op.kernel.shape[-2:])} kernel after a "
+                          f"{tuple(m.kernel.shape[-2:])} stride {m.stride[0]} padding {m.padding[0]} map: the "
+                          f"border would differ")
+        if not _tiny(m.bias, m.kernel):
+            raise Refused(f"{op.label}: zero padding after a non-zero bias (BN or conv bias before a padded conv): "
+                          f"exact only if padded with the bias value")
+    if m.identity and m.padding == (0, 0):
+        k, b, stride, dil, g = op.kernel, op.bias, op.stride, op.dilation, op.groups
+        pad = op.padding
+    else:
+        k, b, stride, dil, g = ops.compose_convs((m.kernel, m.bias), m.stride, m.dilation, m.groups,
+                                                 (op.kernel, op.bias), op.stride, op.dilation, op.groups)
+        pad = (m.padding[0] + m.stride[0] * op.padding[0], m.padding[1] + m.stride[1] * op.padding[1])
+    return replace(m, kernel=k, bias=b, stride=stride, padding=pad, dilation=dil, groups=g, identity=False,
+                   kernel_ops=m.kernel_ops + 1, cost=m.cost + op.kernel.numel(), weighted=m.weighted + op.weighted,
+                   labels=labels)
+
+
+def _align(maps: list[AffineMap]) -> list[AffineMap]:
+    """Bring maps of one root to a common dilation, padding, kernel size and groups (centred, zero taps)."""
+    if len({m.stride for m in maps}) != 1 or len({m.rank for m in maps}) != 1:
+        raise Refused("branches differ in stride")
+    dil = tuple(math.gcd(*[m.dilation[i] for m in maps]) for i in (0, 1))
+    out = []
+    for m in maps:
+        k = ops.dilate_kernel(m.kernel, (m.dilation[0] // dil[0], m.dilation[1] // dil[1]))
+        out.append(replace(m, kernel=k, dilation=dil))
+    pads = [max(m.padding[i] for m in out) for i in (0, 1)]
+    sizes = []
+    for m in out:
+        lefts = []
+        for i in (0, 1):
+            diff = pads[i] - m.padding[i]
+            if diff % dil[i]:
+                raise Refused("branch centres do not fall on one dilated grid")
+            lefts.append(diff // dil[i])
+        sizes.append((m.kernel.shape[-2] + 2 * lefts[0], m.kernel.shape[-1] + 2 * lefts[1]))
+    if len(set(sizes)) != 1:
+        raise Refused("branches are not centred on the same pixel (kernel extent and padding disagree)")
+    g = math.gcd(*[m.groups for m in out])
+    return [replace(m, kernel=ops.regroup_kernel(ops.pad_kernel(m.kernel, sizes[0]), m.groups, g), groups=g,
+                    padding=tuple(pads)) for m in out]
+
+
+def _combine(maps: list[AffineMap], kernel: Tensor, bias: Tensor) -> AffineMap:
+    first = maps[0]
+    return replace(first, kernel=kernel, bias=bias, nodes=frozenset().union(*[m.nodes for m in maps]),
+                   kernel_ops=sum(m.kernel_ops for m in maps), cost=sum(m.cost for m in maps),
+                   identity=all(m.identity for m in maps) and len(maps) == 1,
+                   weighted=sum(m.weighted for m in maps), labels=sum((m.labels for m in maps), ()))
+
+
+def merge_sum(a: AffineMap, b: AffineMap, sa: float, sb: float) -> AffineMap:
+    """``sa * a + sb * b`` of two maps of one root."""
+    if a.kernel.shape[0] != b.kernel.shape[0]:
+        raise Refused("branches differ in channels")
+    a, b = _align([a, b])
+    k = sa * a.kernel + sb * b.kernel
+    return replace(_combine([a, b], k, sa * a.bias + sb * b.bias), identity=False)
+
+
+def merge_cat(parts: list[AffineMap]) -> AffineMap:
+    """Channel concatenation of maps of one root (dense kernels: concatenation interleaves groups)."""
+    parts = _align(parts)
+    dense = [ops.regroup_kernel(p.kernel, p.groups, 1) for p in parts]
+    k, b = ops.concat_branches(list(zip(dense, [p.bias for p in parts], strict=True)))
+    return replace(_combine(parts, k, b), groups=1, identity=False)
+
+
+@dataclass
+class Plan:
+    """What to materialize: ``outputs`` maps each node to its map; ``refusals`` says why joins were cut."""
+
+    outputs: dict = field(default_factory=dict)
+    refusals: dict = field(default_factory=dict)
+
+
+def plan(gm: fx.GraphModule, max_passes: int = 6) -> Plan:
+    """Find the maximal affine sub-graphs of a shape-propagated graph and the single conv each equals.
+
+    Iterates: compute maps with the current cuts, materialize each affine node read by a non-affine user (or
+    by a cut), cut kernels shared by several materialized sub-graphs (so no conv is computed twice) and sub-graphs
+    whose merged kernel costs more than the convs it replaces (e.g. a depthwise 7x7 followed by a 1x1
+    expansion), until nothing changes.
+    """
+    analysis = Analysis(gm)
+    cuts: set = set()
+    result = Plan()
+    for _ in range(max_passes):
+        before = set(cuts)
+        vals = analysis.maps(cuts)
+        outputs = {}
+        for node, m in vals.items():
+            users = list(node.users)
+            absorbed = users and node not in cuts and all(u in vals and node in vals[u].nodes for u in users)
+            if not absorbed:
+                outputs[node] = m
+        owners: dict = {}
+        for node, m in outputs.items():
+            for n in m.nodes:
+                op = analysis.ops.get(n)
+                if op and op[0] == "unary" and op[2].kind == "conv":
+                    owners.setdefault(n, []).append(node)
+        for n, outs in owners.items():
+            if len(outs) > 1:
+                cuts.add(n)
+                analysis.refusals.setdefault(n, "shared by several sub-graphs: kept as its own conv")
+        for m in outputs.values():
+            if m.kernel_ops > 1 and m.kernel.numel() > m.cost:
+                joined = [n for n in m.nodes if (op := analysis.ops.get(n)) and op[0] == "unary"
+                          and op[2].kind == "conv" and op[1] in m.nodes and op[1] in vals
+                          and vals[op[1]].kernel_ops > 0]
+                for n in joined:
+                    cuts.add(n.args[0])
+                    analysis.refusals[n.args[0]] = (f"merging into {m.describe()} would cost "
+                                                    f"{m.kernel.numel()} weights instead of {m.cost}")
+        if cuts == before:
+            result.outputs = outputs
+            break
+    else:
+        result.outputs = outputs
+    result.refusals = analysis.refusals
+    result.analysis = analysis
+    return result
