@@ -18,7 +18,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .fusion import fuse_bn, fuse_conv_bn, identity_kernel, merge_branches, pad_kernel
@@ -221,11 +220,18 @@ def compose_convs(
     g1, g2 = first_groups, second_groups
     g = math.gcd(g1, g2)
     k1, k2 = regroup_kernel(k1, g1, g), regroup_kernel(k2, g2, g)
-    # per group: out[b, i] = sum_m K2[b, m] (*) K1[m, i] is a transposed convolution of K2 (batch = C_out/g) by K1
+    # per group and per tap j of K2: K[o, i, r*j : r*j + k1] += K2[o, :, j] @ K1[:, i] (batched over groups)
     co_g, cm_g, ci_g = c_out // g, c_mid // g, c_in // g
-    inp = k2.reshape(g, co_g, cm_g, *k2.shape[2:]).transpose(0, 1).reshape(co_g, g * cm_g, *k2.shape[2:])
-    out = F.conv_transpose2d(inp, k1, stride=tuple(spread), groups=g)  # (co_g, g * ci_g, kh, kw)
-    kernel = out.reshape(co_g, g, ci_g, *out.shape[2:]).transpose(0, 1).reshape(c_out, ci_g, *out.shape[2:])
+    (kh1, kw1), (kh2, kw2) = k1.shape[-2:], k2.shape[-2:]
+    rh, rw = spread
+    kernel = k1.new_zeros(g, co_g, ci_g, (kh2 - 1) * rh + kh1, (kw2 - 1) * rw + kw1)
+    k1g = k1.reshape(g, cm_g, ci_g * kh1 * kw1)
+    k2g = k2.reshape(g, co_g, cm_g, kh2, kw2)
+    for jh in range(kh2):
+        for jw in range(kw2):
+            tap = torch.bmm(k2g[..., jh, jw], k1g).reshape(g, co_g, ci_g, kh1, kw1)
+            kernel[..., jh * rh:jh * rh + kh1, jw * rw:jw * rw + kw1] += tap
+    kernel = kernel.reshape(c_out, ci_g, *kernel.shape[-2:])
     k2sum = k2.sum((2, 3)).reshape(g, co_g, cm_g)
     bias = b2 + torch.bmm(k2sum, b1.reshape(g, cm_g, 1)).reshape(c_out)
     stride = (first_stride[0] * second_stride[0], first_stride[1] * second_stride[1])

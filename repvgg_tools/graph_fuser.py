@@ -263,16 +263,18 @@ def _rewrite(gm: fx.GraphModule, found, todo: dict, path: str, ctx: _Context) ->
         else:
             ctx.report.unfused.append((_join(path, node.name), f"replacement failed its float64 check (rel err "
                                        f"{err:.1e} > {rtol:.0e}): left as it was"))
+    replaced: dict = {}  # a root that is itself replaced is read from its replacement
     for node, m, module, err in accepted:
         name = _unique(gm, f"fused_{node.name}")
         gm.add_module(name, module)
         with graph.inserting_before(node):
-            new = graph.call_module(name, (m.root,))
+            new = graph.call_module(name, (replaced.get(m.root, m.root),))
         node.replace_all_uses_with(new)
+        replaced[node] = new
         ctx.report.fused.append(FusedItem(path, node.name, [lbl for lbl in m.labels if lbl], str(module), err))
     for node, m in found.outputs.items():  # identity-only chains (Identity, eval Dropout) read their root
         if m.identity and node.users and node not in todo:
-            node.replace_all_uses_with(m.root)
+            node.replace_all_uses_with(replaced.get(m.root, m.root))
     _drop_dead(graph)
     gm.delete_all_unused_submodules()
     gm.recompile()

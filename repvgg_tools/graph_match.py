@@ -509,7 +509,12 @@ class Plan:
     refusals: dict = field(default_factory=dict)
 
 
-def plan(gm: fx.GraphModule, max_passes: int = 6) -> Plan:
+def _is_diag(analysis: Analysis, node: fx.Node) -> bool:
+    op = analysis.ops.get(node)
+    return bool(op) and op[0] == "unary" and op[2].kind in ("diag", "identity")
+
+
+def plan(gm: fx.GraphModule, max_passes: int = 12) -> Plan:
     """Find the maximal affine sub-graphs of a shape-propagated graph and the single conv each equals.
 
     Iterates: compute maps with the current cuts, materialize each affine node read by a non-affine user (or
@@ -529,6 +534,20 @@ def plan(gm: fx.GraphModule, max_passes: int = 6) -> Plan:
             absorbed = users and node not in cuts and all(u in vals and node in vals[u].nodes for u in users)
             if not absorbed:
                 outputs[node] = m
+        for node in outputs:  # a value computed anyway is read, not recomputed, by the sub-graphs that absorb it
+            if any(node in m.nodes for other, m in outputs.items() if other is not node):
+                cuts.add(node)
+        for m in outputs.values():
+            if m.kernel_ops > 1 and m.kernel.numel() > m.cost:
+                joined = [n for n in m.nodes if (op := analysis.ops.get(n)) and op[0] == "unary"
+                          and op[2].kind == "conv" and op[1] in m.nodes and op[1] in vals
+                          and vals[op[1]].kernel_ops > 0]
+                for n in joined:
+                    cuts.add(n.args[0])
+                    analysis.refusals[n.args[0]] = (f"merging into {m.describe()} would cost "
+                                                    f"{m.kernel.numel()} weights instead of {m.cost}")
+        if cuts != before:
+            continue
         owners: dict = {}
         for node, m in outputs.items():
             for n in m.nodes:
@@ -539,20 +558,16 @@ def plan(gm: fx.GraphModule, max_passes: int = 6) -> Plan:
             if len(outs) > 1:
                 cuts.add(n)
                 analysis.refusals.setdefault(n, "shared by several sub-graphs: kept as its own conv")
-        for m in outputs.values():
-            if m.kernel_ops > 1 and m.kernel.numel() > m.cost:
-                joined = [n for n in m.nodes if (op := analysis.ops.get(n)) and op[0] == "unary"
-                          and op[2].kind == "conv" and op[1] in m.nodes and op[1] in vals
-                          and vals[op[1]].kernel_ops > 0]
-                for n in joined:
-                    cuts.add(n.args[0])
-                    analysis.refusals[n.args[0]] = (f"merging into {m.describe()} would cost "
-                                                    f"{m.kernel.numel()} weights instead of {m.cost}")
         if cuts == before:
-            result.outputs = outputs
             break
-    else:
-        result.outputs = outputs
+    # whatever the passes left, fuse only sub-graphs that no other materialized sub-graph reads into
+    shared = {n for node, m in outputs.items() for n in m.nodes if n in outputs and n is not node}
+    counts: dict = {}
+    for m in outputs.values():
+        for n in m.nodes:
+            counts[n] = counts.get(n, 0) + 1
+    result.outputs = {node: m for node, m in outputs.items()
+                      if node not in shared and all(counts[n] == 1 or _is_diag(analysis, n) for n in m.nodes)}
     result.refusals = analysis.refusals
     result.analysis = analysis
     return result
