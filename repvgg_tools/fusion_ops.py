@@ -185,8 +185,8 @@ def compose_convs(
     """One convolution equal to ``conv2(conv1(x))``: ``K[o, i] = sum_m K2[o, m] (*) K1[m, i]`` (a full correlation
     of the taps, ``K2``'s taps spread by ``s1 * d2 / d1``) and ``b = b2 + sum K2 * b1``.
 
-    The result has stride ``s1 * s2``, dilation ``d1``, groups ``gcd(g1, g2)`` (depthwise stages keep the other
-    stage's groups) and reads ``x`` padded by ``p1 + s1 * p2``.
+    The result has stride ``s1 * s2``, dilation ``d1`` (``s1 * d2`` along a size-1 side of ``K1``), groups
+    ``gcd(g1, g2)`` (depthwise stages keep the other stage's groups) and reads ``x`` padded by ``p1 + s1 * p2``.
 
     Exact when the second convolution has no padding (``p2 = 0``: every tap it reads is a real conv1 output), or
     when the first is pointwise (1x1, stride 1, no padding) and its output is padded with ``b1`` (the value it gives
@@ -211,8 +211,10 @@ def compose_convs(
     c_out = k2.shape[0]
     if k2.shape[1] * second_groups != c_mid:
         raise ValueError(f"second conv reads {k2.shape[1] * second_groups} channels, first gives {c_mid}")
-    spread = []
-    for s1, d1, d2 in zip(first_stride, first_dilation, second_dilation, strict=True):
+    spread, dilation = [], []
+    for s1, d1, d2, k in zip(first_stride, first_dilation, second_dilation, k1.shape[-2:], strict=True):
+        d1 = s1 * d2 if k == 1 else d1  # one tap has no dilation: take the grid of the second conv's taps
+        dilation.append(d1)
         if (s1 * d2) % d1:
             raise ValueError(f"stride {s1} x dilation {d2} is not a multiple of dilation {d1}")
         spread.append(s1 * d2 // d1)
@@ -235,7 +237,7 @@ def compose_convs(
     k2sum = k2.sum((2, 3)).reshape(g, co_g, cm_g)
     bias = b2 + torch.bmm(k2sum, b1.reshape(g, cm_g, 1)).reshape(c_out)
     stride = (first_stride[0] * second_stride[0], first_stride[1] * second_stride[1])
-    return kernel, bias, stride, (first_dilation[0], first_dilation[1]), g
+    return kernel, bias, stride, (dilation[0], dilation[1]), g
 
 
 def merge_1x1_kxk(

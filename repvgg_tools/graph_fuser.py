@@ -84,18 +84,21 @@ class _Context:
     seed: int = 0
 
 
-def example_inputs_for(model: nn.Module, size: int = 64) -> tuple | None:
-    """A random input guessed from the first Conv2d (``(1, C, size, size)``) or Linear (``(1, C)``); ``None``."""
+def example_inputs_for(model: nn.Module, size: int = 64) -> list[tuple]:
+    """Candidate random inputs: ``(1, C, size, size)`` for each distinct ``in_channels`` of the Conv2d modules (in
+    registration order, at most three), then ``(1, C)`` for the first Linear."""
+    shapes: list[tuple] = []
+    like = None
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            shape = (1, m.in_channels, size, size)
-        elif isinstance(m, nn.Linear):
-            shape = (1, m.in_features)
-        else:
-            continue
-        gen = torch.Generator().manual_seed(0)
-        return (torch.randn(*shape, generator=gen).to(m.weight.dtype).to(m.weight.device),)
-    return None
+        if isinstance(m, nn.Conv2d) and (1, m.in_channels, size, size) not in shapes and len(shapes) < 3:
+            shapes.append((1, m.in_channels, size, size))
+            like = like if like is not None else m.weight
+    linear = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+    if linear is not None:
+        shapes.append((1, linear.in_features))
+        like = like if like is not None else linear.weight
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(*s, generator=gen).to(like.dtype).to(like.device),) for s in shapes]
 
 
 def graph_fuse(
@@ -145,27 +148,30 @@ def graph_fuse(
 def _capture_inputs(model: nn.Module, example_inputs: tuple | None) -> dict | None:
     """Run one forward and keep each module's first call arguments (for tracing shapes of sub-modules)."""
     if example_inputs is None:
-        example_inputs = example_inputs_for(model)
-        if example_inputs is None:
-            return None
-    elif not isinstance(example_inputs, tuple):
-        example_inputs = (example_inputs,)
+        candidates = example_inputs_for(model)
+    else:
+        candidates = [example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)]
     seen: dict = {}
 
     def hook(module, args, kwargs):
         seen.setdefault(id(module), (args, kwargs))
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()]
-    try:
-        with torch.no_grad():
-            model(*example_inputs)
-    except Exception as exc:  # noqa: BLE001 - a model that needs other inputs: say so, do nothing
-        log.warning("graph fuser: the model did not run on an example input (%s); pass example_inputs", exc)
-        return None
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+    errors = []
+    for inputs in candidates:
+        seen.clear()
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()]
+        try:
+            with torch.no_grad():
+                model(*inputs)
+            return seen
+        except Exception as exc:  # noqa: BLE001 - a model that needs other inputs: try the next, then say so
+            errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        finally:
+            for h in handles:
+                h.remove()
+    log.warning("graph fuser: the model did not run on an example input (%s); pass example_inputs",
+                "; ".join(errors) or "no Conv2d or Linear to size one from")
+    return None
 
 
 def _join(path: str, name: str) -> str:
@@ -324,9 +330,14 @@ def _build(m: AffineMap, node: fx.Node) -> nn.Module:
 @torch.no_grad()
 def _check(gm: fx.GraphModule, found, node: fx.Node, m: AffineMap, module: nn.Module, ctx: _Context) -> float:
     """max rel error, in float64 on a random input, between the original sub-graph and the replacement."""
-    meta = m.root.meta["tensor_meta"]
+    shape = list(m.root.meta["tensor_meta"].shape)
+    shape[0] = 1
+    if m.rank == 4:  # any size that covers the kernel a few times over checks every tap, the border included
+        for i in (0, 1):
+            extent = (m.kernel.shape[2 + i] - 1) * m.dilation[i] + 1
+            shape[2 + i] = min(shape[2 + i], max(12, 2 * extent + 2 * m.stride[i]))
     gen = torch.Generator().manual_seed(ctx.seed)
-    x = torch.randn(*meta.shape, generator=gen, dtype=torch.float64).to(m.kernel.device)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64).to(m.kernel.device)
     if m.rank == 2:
         fused = F.linear(x, m.kernel[:, :, 0, 0].to(x.device), m.bias.to(x.device))
     else:

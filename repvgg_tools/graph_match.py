@@ -442,6 +442,7 @@ def apply_op(m: AffineMap, op: Op) -> AffineMap:
         k, b, stride, dil, g = op.kernel, op.bias, op.stride, op.dilation, op.groups
         pad = op.padding
     else:
+        _refuse_growth(m, op)
         k, b, stride, dil, g = ops.compose_convs((m.kernel, m.bias), m.stride, m.dilation, m.groups,
                                                  (op.kernel, op.bias), op.stride, op.dilation, op.groups)
         pad = (m.padding[0] + m.stride[0] * op.padding[0], m.padding[1] + m.stride[1] * op.padding[1])
@@ -450,15 +451,34 @@ def apply_op(m: AffineMap, op: Op) -> AffineMap:
                    labels=labels)
 
 
+def _refuse_growth(m: AffineMap, op: Op) -> None:
+    """Refuse, before computing it, a conv-after-conv merge that needs more weights than both convs (a depthwise
+    kxk followed by a 1x1 expansion becomes a dense kxk); pools (no weights) may grow a branch that a later sum
+    absorbs (DBB's 1x1 -> avg pool)."""
+    if not op.weighted or m.kernel_ops == 0:
+        return
+    c_out, c_in = op.kernel.shape[0], m.kernel.shape[1] * m.groups
+    g = math.gcd(m.groups, op.groups)
+    size = 1
+    for i in (0, 1):
+        spread = max(1, m.stride[i] * op.dilation[i] // m.dilation[i])
+        size *= (op.kernel.shape[2 + i] - 1) * spread + m.kernel.shape[2 + i]
+    merged = c_out * (c_in // g) * size
+    if merged > m.cost + op.kernel.numel():
+        raise Refused(f"{op.label}: merging it with the conv before it would need {merged} weights instead of "
+                      f"{m.cost + op.kernel.numel()}")
+
+
 def _align(maps: list[AffineMap]) -> list[AffineMap]:
     """Bring maps of one root to a common dilation, padding, kernel size and groups (centred, zero taps)."""
     if len({m.stride for m in maps}) != 1 or len({m.rank for m in maps}) != 1:
         raise Refused("branches differ in stride")
-    dil = tuple(math.gcd(*[m.dilation[i] for m in maps]) for i in (0, 1))
+    # a common dilation; a side with one tap has none, so it takes any
+    dil = tuple(math.gcd(*[m.dilation[i] for m in maps if m.kernel.shape[2 + i] > 1] or [1]) for i in (0, 1))
     out = []
     for m in maps:
-        k = ops.dilate_kernel(m.kernel, (m.dilation[0] // dil[0], m.dilation[1] // dil[1]))
-        out.append(replace(m, kernel=k, dilation=dil))
+        factor = [m.dilation[i] // dil[i] if m.kernel.shape[2 + i] > 1 else 1 for i in (0, 1)]
+        out.append(replace(m, kernel=ops.dilate_kernel(m.kernel, factor), dilation=dil))
     pads = [max(m.padding[i] for m in out) for i in (0, 1)]
     sizes = []
     for m in out:
