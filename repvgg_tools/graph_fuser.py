@@ -141,8 +141,25 @@ def graph_fuse(
     finally:
         for m in model.modules():  # kept modules get their flags back; new ones take the model's
             m.training = modes.get(m, top_mode)
+    _warn_left_in_untraced(model, report)
     log.info("graph fuser: %s", report)
     return model, report
+
+
+def _warn_left_in_untraced(model: nn.Module, report: FuseReport) -> None:
+    """One warning naming the untraceable modules whose own forward still holds BatchNorms (not fused)."""
+    left = []
+    for path, reason in report.skipped:
+        try:
+            module = model.get_submodule(path) if path in dict(model.named_modules()) else model
+        except AttributeError:
+            continue
+        direct = [n for n, m in module.named_children() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if direct:
+            left.append(f"{path or type(model).__name__} ({', '.join(direct)}; {reason})")
+    if left:
+        log.warning("graph fuser: could not trace %s: the BatchNorms its forward calls stay unfused",
+                    "; ".join(left))
 
 
 def _capture_inputs(model: nn.Module, example_inputs: tuple | None) -> dict | None:
@@ -199,7 +216,7 @@ def _fuse_module(module: nn.Module, path: str, ctx: _Context) -> nn.Module:
     except Exception as exc:  # noqa: BLE001 - untraceable: skip it, try its children
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
         ctx.report.skipped.append((path or type(module).__name__, reason))
-        log.warning("graph fuser: cannot trace %s (%s); trying its children", path or type(module).__name__, reason)
+        log.info("graph fuser: cannot trace %s (%s); trying its children", path or type(module).__name__, reason)
         for name, child in list(module.named_children()):
             new = _fuse_module(child, _join(path, name), ctx)
             if new is not child:
