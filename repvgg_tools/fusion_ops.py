@@ -183,10 +183,11 @@ def compose_convs(
     second: tuple[Tensor, Tensor], second_stride: Sequence[int], second_dilation: Sequence[int], second_groups: int,
 ) -> tuple[Tensor, Tensor, tuple[int, int], tuple[int, int], int]:
     """One convolution equal to ``conv2(conv1(x))``: ``K[o, i] = sum_m K2[o, m] (*) K1[m, i]`` (a full correlation
-    of the taps, ``K2``'s taps spread by ``s1 * d2 / d1``) and ``b = b2 + sum K2 * b1``.
+    of the taps on a common dilated grid) and ``b = b2 + sum K2 * b1``.
 
-    The result has stride ``s1 * s2``, dilation ``d1`` (``s1 * d2`` along a size-1 side of ``K1``), groups
-    ``gcd(g1, g2)`` (depthwise stages keep the other stage's groups) and reads ``x`` padded by ``p1 + s1 * p2``.
+    The result has stride ``s1 * s2``, dilation ``gcd(s1 * d2, d1)`` (``s1 * d2`` along a size-1 side of
+    ``K1``), groups ``gcd(g1, g2)`` (a depthwise stage takes the other's groups) and reads ``x`` padded by
+    ``p1 + s1 * p2``.
 
     Exact when the second convolution has no padding (``p2 = 0``: every tap it reads is a real conv1 output), or
     when the first is pointwise (1x1, stride 1, no padding) and its output is padded with ``b1`` (the value it gives
@@ -201,9 +202,6 @@ def compose_convs(
 
     Returns:
         ``(kernel, bias, stride, dilation, groups)``.
-
-    Raises:
-        ValueError: ``s1 * d2`` is not a multiple of ``d1`` (the taps do not fall on one dilated grid).
     """
     (k1, b1), (k2, b2) = first, second
     k1, b1, k2, b2 = _f64(k1), _f64(b1), _f64(k2), _f64(b2)
@@ -211,13 +209,14 @@ def compose_convs(
     c_out = k2.shape[0]
     if k2.shape[1] * second_groups != c_mid:
         raise ValueError(f"second conv reads {k2.shape[1] * second_groups} channels, first gives {c_mid}")
-    spread, dilation = [], []
+    spread, dilation, factor = [], [], []
     for s1, d1, d2, k in zip(first_stride, first_dilation, second_dilation, k1.shape[-2:], strict=True):
         d1 = s1 * d2 if k == 1 else d1  # one tap has no dilation: take the grid of the second conv's taps
-        dilation.append(d1)
-        if (s1 * d2) % d1:
-            raise ValueError(f"stride {s1} x dilation {d2} is not a multiple of dilation {d1}")
-        spread.append(s1 * d2 // d1)
+        grid = math.gcd(s1 * d2, d1)  # every tap of the result falls on this grid
+        dilation.append(grid)
+        factor.append(d1 // grid)
+        spread.append(s1 * d2 // grid)
+    k1 = dilate_kernel(k1, factor)
     # a common group count (a depthwise stage takes the other stage's groups)
     g1, g2 = first_groups, second_groups
     g = math.gcd(g1, g2)

@@ -437,14 +437,17 @@ def apply_op(m: AffineMap, op: Op) -> AffineMap:
                           f"border would differ")
         if not _tiny(m.bias, m.kernel):
             raise Refused(f"{op.label}: zero padding after a non-zero bias (BN or conv bias before a padded conv): "
-                          f"exact only if padded with the bias value")
+                          f"the border would differ (exact only when padded with the bias value)")
     if m.identity and m.padding == (0, 0):
         k, b, stride, dil, g = op.kernel, op.bias, op.stride, op.dilation, op.groups
         pad = op.padding
     else:
         _refuse_growth(m, op)
-        k, b, stride, dil, g = ops.compose_convs((m.kernel, m.bias), m.stride, m.dilation, m.groups,
-                                                 (op.kernel, op.bias), op.stride, op.dilation, op.groups)
+        try:
+            k, b, stride, dil, g = ops.compose_convs((m.kernel, m.bias), m.stride, m.dilation, m.groups,
+                                                     (op.kernel, op.bias), op.stride, op.dilation, op.groups)
+        except ValueError as exc:
+            raise Refused(f"{op.label}: {exc}") from exc
         pad = (m.padding[0] + m.stride[0] * op.padding[0], m.padding[1] + m.stride[1] * op.padding[1])
     return replace(m, kernel=k, bias=b, stride=stride, padding=pad, dilation=dil, groups=g, identity=False,
                    kernel_ops=m.kernel_ops + 1, cost=m.cost + op.kernel.numel(), weighted=m.weighted + op.weighted,
@@ -461,8 +464,10 @@ def _refuse_growth(m: AffineMap, op: Op) -> None:
     g = math.gcd(m.groups, op.groups)
     size = 1
     for i in (0, 1):
-        spread = max(1, m.stride[i] * op.dilation[i] // m.dilation[i])
-        size *= (op.kernel.shape[2 + i] - 1) * spread + m.kernel.shape[2 + i]
+        d1 = m.stride[i] * op.dilation[i] if m.kernel.shape[2 + i] == 1 else m.dilation[i]
+        grid = math.gcd(m.stride[i] * op.dilation[i], d1)
+        size *= (op.kernel.shape[2 + i] - 1) * (m.stride[i] * op.dilation[i] // grid) \
+            + (m.kernel.shape[2 + i] - 1) * (d1 // grid) + 1
     merged = c_out * (c_in // g) * size
     if merged > m.cost + op.kernel.numel():
         raise Refused(f"{op.label}: merging it with the conv before it would need {merged} weights instead of "

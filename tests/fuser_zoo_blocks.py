@@ -207,5 +207,6 @@ class NormLinear(nn.Module):
         return (self.head(x) + self.dist(x)) / 2
 
 
+# Conv2d + Linear modules each block fuses to (NormLinear's two BN->Linear heads and their mean: one Linear)
 MINIMAL_CONVS = {"RepVGG": 1, "QARepVGG": 1, "ACB": 1, "DBB": 1, "MobileOne": 2, "RepMixer": 1, "LargeKernel": 1,
-                 "RepGhost": 2, "RepVGGDW": 1, "NormLinear": 0}
+                 "RepGhost": 2, "RepVGGDW": 1, "NormLinear": 1}
