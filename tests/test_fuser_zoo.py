@@ -26,6 +26,15 @@ from repvgg_tools.verify import compare_outputs
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _count(model: nn.Module) -> tuple[int, int]:
     convs = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
     bns = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
