@@ -116,3 +116,14 @@ def test_convert_user_model_verification_catches_a_wrong_fusion(user_model, tmp_
         convert_user_model("user_blocks_fuser_test:build", ckpt, out, input_shape=(1, 3, 16, 16))
     assert not out.exists()
     assert isinstance(load_factory("user_blocks_fuser_test:TriBranch")(4), nn.Module)
+
+
+def test_docs_custom_block_example_runs(capsys):
+    """The example in docs/fuser.md fuses and exports as it says."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "fuser.md").read_text()
+    block = text.split("### Your own block", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    exec(compile(block, "docs/fuser.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "fused 2 sub-graphs" in out and "BatchNormalization" not in out and "'Conv'" in out
