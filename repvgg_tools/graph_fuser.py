@@ -195,16 +195,34 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _trace(module: nn.Module, args: tuple, kwargs: dict, leaves: tuple) -> fx.GraphModule:
+class _Traced:
+    """A traced graph over its root module (no GraphModule is compiled until a rewrite needs one)."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph) -> None:
+        self.root, self.graph = root, graph
+
+    def __getattr__(self, name: str):
+        return getattr(self.root, name)
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp over a root module and a graph (skips compiling a GraphModule just to propagate shapes)."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph) -> None:
+        fx.Interpreter.__init__(self, root, graph=graph)
+        self.fake_module = self.fake_mode = None
+        self.real_module = root
+
+
+def _trace(module: nn.Module, args: tuple, kwargs: dict, leaves: tuple) -> _Traced:
     tracer = _Tracer(leaves)
     graph = tracer.trace(module)
-    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
     if kwargs:
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
         bound.apply_defaults()
         args = tuple(bound.arguments.values())
-    ShapeProp(gm).propagate(*args)
-    return gm
+    _ShapeProp(tracer.root, graph).propagate(*args)
+    return _Traced(tracer.root, graph)
 
 
 def _fuse_module(module: nn.Module, path: str, ctx: _Context) -> nn.Module:
@@ -273,9 +291,10 @@ def _lca(m: AffineMap) -> str:
     return common[-1] if common else ""
 
 
-def _rewrite(gm: fx.GraphModule, found, todo: dict, path: str, ctx: _Context) -> fx.GraphModule:
+def _rewrite(traced: _Traced, found, todo: dict, path: str, ctx: _Context) -> fx.GraphModule:
     """Check each sub-graph in float64, then swap in its conv; identity-only chains are bypassed."""
-    graph = gm.graph
+    gm = traced
+    graph = traced.graph
     accepted = []
     for node, m in todo.items():
         module = _build(m, node)
@@ -286,6 +305,7 @@ def _rewrite(gm: fx.GraphModule, found, todo: dict, path: str, ctx: _Context) ->
         else:
             ctx.report.unfused.append((_join(path, node.name), f"replacement failed its float64 check (rel err "
                                        f"{err:.1e} > {rtol:.0e}): left as it was"))
+    gm = fx.GraphModule(traced.root, graph, type(traced.root).__name__)
     replaced: dict = {}  # a root that is itself replaced is read from its replacement
     for node, m, module, err in accepted:
         name = _unique(gm, f"fused_{node.name}")
@@ -345,7 +365,7 @@ def _build(m: AffineMap, node: fx.Node) -> nn.Module:
 
 
 @torch.no_grad()
-def _check(gm: fx.GraphModule, found, node: fx.Node, m: AffineMap, module: nn.Module, ctx: _Context) -> float:
+def _check(gm: _Traced, found, node: fx.Node, m: AffineMap, module: nn.Module, ctx: _Context) -> float:
     """max rel error, in float64 on a random input, between the original sub-graph and the replacement."""
     shape = list(m.root.meta["tensor_meta"].shape)
     shape[0] = 1
@@ -370,7 +390,7 @@ def _check(gm: fx.GraphModule, found, node: fx.Node, m: AffineMap, module: nn.Mo
     return (fused - ref).abs().max().item() / scale if scale > 0 else float((fused - ref).abs().max().item() > 0)
 
 
-def _evaluate(gm: fx.GraphModule, analysis, m: AffineMap, out: fx.Node, x: torch.Tensor) -> torch.Tensor:
+def _evaluate(gm: _Traced, analysis, m: AffineMap, out: fx.Node, x: torch.Tensor) -> torch.Tensor:
     """Run the original nodes of a sub-graph in float64 (modules through functional_call with float64 tensors)."""
     env = {m.root: x}
 

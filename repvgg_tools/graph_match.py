@@ -49,7 +49,7 @@ def node_container(node: fx.Node) -> list[str]:
 class Analysis:
     """Constant folding, op classification and affine maps over one traced, shape-propagated GraphModule."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm) -> None:
         self.gm = gm
         first = next(iter([*gm.parameters(), *gm.buffers()]), None)
         self.device = first.device if first is not None else torch.device("cpu")
@@ -361,7 +361,7 @@ def _is_diag(analysis: Analysis, node: fx.Node) -> bool:
     return bool(op) and op[0] == "unary" and op[2].kind in ("diag", "identity")
 
 
-def plan(gm: fx.GraphModule, max_passes: int = 12) -> Plan:
+def plan(gm, max_passes: int = 12) -> Plan:
     """Find the maximal affine sub-graphs of a shape-propagated graph and the single conv each equals.
 
     Iterates: compute maps with the current cuts, materialize each affine node read by a non-affine user (or
