@@ -81,6 +81,7 @@ class _Context:
     report: FuseReport
     leaves: tuple
     rtol: float
+    whole_model: bool = False
     seed: int = 0
 
 
@@ -103,7 +104,7 @@ def example_inputs_for(model: nn.Module, size: int = 64) -> list[tuple]:
 
 def graph_fuse(
     model: nn.Module, example_inputs: tuple | None = None, *, inplace: bool = False, leaf_modules: tuple = (),
-    rtol: float = VERIFY_RTOL,
+    rtol: float = VERIFY_RTOL, whole_model: bool = False,
 ) -> tuple[nn.Module, FuseReport]:
     """Fuse every affine sub-graph of ``model`` into one convolution (or linear), checked numerically.
 
@@ -119,6 +120,8 @@ def graph_fuse(
             whose own ``forward`` holds a sub-graph is returned as a new GraphModule either way).
         leaf_modules: extra module classes the tracer must not enter (e.g. ones with data-dependent control flow).
         rtol: float64 tolerance of each replacement's check.
+        whole_model: rewrite the traced model itself as one GraphModule (faster: one trace instead of one per
+            fused module, but the model's class and methods give way to the GraphModule's ``forward``).
 
     Returns:
         ``(fused model, report)``.
@@ -137,7 +140,7 @@ def graph_fuse(
         if inputs is None:
             report.skipped.append(("<model>", "no example input: pass example_inputs"))
         else:
-            model = _fuse_module(model, "", _Context(inputs, report, tuple(leaf_modules), rtol))
+            model = _fuse_module(model, "", _Context(inputs, report, tuple(leaf_modules), rtol, whole_model))
     finally:
         for m in model.modules():  # kept modules get their flags back; new ones take the model's
             m.training = modes.get(m, top_mode)
@@ -247,7 +250,7 @@ def _fuse_module(module: nn.Module, path: str, ctx: _Context) -> nn.Module:
     if not todo:
         return module
     lcas = {n: _lca(m) for n, m in todo.items()}
-    if any(lca == "" for lca in lcas.values()):
+    if any(lca == "" for lca in lcas.values()) or (ctx.whole_model and not path):
         return _rewrite(gm, found, todo, path, ctx)
     done: list[str] = []
     for lca in sorted(set(lcas.values()), key=lambda p: p.count(".")):
