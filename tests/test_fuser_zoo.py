@@ -280,3 +280,30 @@ def test_scale_subtract_concat_regroup():
     assert (F.conv2d(x, kc, bc, padding=1) - ref).abs().max() < 1e-12
     with pytest.raises(ValueError):
         ops.regroup_kernel(ka, 4, 3)
+
+
+class Net(nn.Module):
+    """Zoo blocks inside a model with its own method: in-place replacement keeps the class, whole_model does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(zoo.RepVGG(4, 8, 2), zoo.MobileOne(8, 8), zoo.RepMixer(8))
+
+    def forward(self, x):
+        return self.blocks(x).mean((2, 3))
+
+    def width(self) -> int:
+        return 8
+
+
+def test_module_level_and_whole_model_rewrites_agree():
+    model = randomize_batchnorm(Net(), seed=6).eval()
+    x = torch.randn(2, 4, 12, 12)
+    kept, report = graph_fuse(model, (x[:1],))
+    whole, report_whole = graph_fuse(model, (x[:1],), whole_model=True)
+    assert type(kept) is Net and kept.width() == 8 and isinstance(whole, torch.fx.GraphModule)
+    assert len(report.fused) == len(report_whole.fused) == 4
+    assert _count(kept) == _count(whole) == (4, 0)
+    with torch.no_grad():
+        ref = model(x)
+        assert compare_outputs(kept(x), ref)[1] <= 1e-5 and compare_outputs(whole(x), ref)[1] <= 1e-5
