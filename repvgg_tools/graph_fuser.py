@@ -82,6 +82,7 @@ class _Context:
     leaves: tuple
     rtol: float
     whole_model: bool = False
+    top_graph: fx.Graph | None = None  # the model's graph, traced once already
     seed: int = 0
 
 
@@ -136,11 +137,20 @@ def graph_fuse(
     modes, top_mode = {m: m.training for m in model.modules()}, model.training
     model.eval()
     try:
-        inputs = _capture_inputs(model, example_inputs)
-        if inputs is None:
+        top_graph = None
+        try:  # nothing to fuse (a deployed network): skip the forward passes
+            top_graph = _Tracer(tuple(leaf_modules)).trace(model)
+            nothing = not graph_match.may_fuse(top_graph, model)
+        except Exception:  # noqa: BLE001 - untraceable at the top: the children are tried below
+            nothing = False
+        inputs = None if nothing else _capture_inputs(model, example_inputs)
+        if nothing:
+            pass
+        elif inputs is None:
             report.skipped.append(("<model>", "no example input: pass example_inputs"))
         else:
-            model = _fuse_module(model, "", _Context(inputs, report, tuple(leaf_modules), rtol, whole_model))
+            ctx = _Context(inputs, report, tuple(leaf_modules), rtol, whole_model, top_graph)
+            model = _fuse_module(model, "", ctx)
     finally:
         for m in model.modules():  # kept modules get their flags back; new ones take the model's
             m.training = modes.get(m, top_mode)
@@ -217,15 +227,14 @@ class _ShapeProp(ShapeProp):
         self.real_module = root
 
 
-def _trace(module: nn.Module, args: tuple, kwargs: dict, leaves: tuple) -> _Traced:
-    tracer = _Tracer(leaves)
-    graph = tracer.trace(module)
+def _trace(module: nn.Module, args: tuple, kwargs: dict, leaves: tuple, graph: fx.Graph | None = None) -> _Traced:
+    graph = graph if graph is not None else _Tracer(leaves).trace(module)
     if kwargs:
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
         bound.apply_defaults()
         args = tuple(bound.arguments.values())
-    _ShapeProp(tracer.root, graph).propagate(*args)
-    return _Traced(tracer.root, graph)
+    _ShapeProp(module, graph).propagate(*args)
+    return _Traced(module, graph)
 
 
 def _fuse_module(module: nn.Module, path: str, ctx: _Context) -> nn.Module:
@@ -233,7 +242,7 @@ def _fuse_module(module: nn.Module, path: str, ctx: _Context) -> nn.Module:
     if captured is None:
         return module
     try:
-        gm = _trace(module, *captured, ctx.leaves)
+        gm = _trace(module, *captured, ctx.leaves, None if path else ctx.top_graph)
     except Exception as exc:  # noqa: BLE001 - untraceable: skip it, try its children
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
         ctx.report.skipped.append((path or type(module).__name__, reason))

@@ -23,7 +23,7 @@ from . import fusion_ops as ops
 from .fusion import fuse_bn
 from .graph_maps import AffineMap, Op, Refused, apply_op, as_pair, merge_cat, merge_sum
 
-__all__ = ["AffineMap", "Op", "Analysis", "plan", "node_container"]
+__all__ = ["AffineMap", "Op", "Analysis", "plan", "node_container", "may_fuse"]
 
 _ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
 _SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
@@ -354,6 +354,44 @@ class Plan:
 
     outputs: dict = field(default_factory=dict)
     refusals: dict = field(default_factory=dict)
+
+
+_AFFINE_FUNCTIONS = _ADD | _SUB | _MUL | _DIV | _CAT | _IDENTITY_METHODS | {
+    F.pad, F.batch_norm, F.conv2d, F.linear, F.avg_pool2d, F.dropout}
+_AFFINE_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear,
+                   nn.modules.pooling._AvgPoolNd, nn.Identity, *_DROPOUTS)
+
+
+def may_fuse(graph: fx.Graph, root: nn.Module) -> bool:
+    """A cheap structural pre-scan (no shapes, no values): is any possibly-affine op fed by another one?
+
+    ``False`` means :func:`plan` would find nothing (a deployed network: every conv feeds a non-linearity), so the
+    forward passes it needs can be skipped.
+    """
+    modules = dict(root.named_modules())
+
+    def affine(node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return isinstance(modules.get(node.target), _AFFINE_MODULES)
+        return node.op in ("call_function", "call_method") and node.target in _AFFINE_FUNCTIONS
+
+    def passthrough(node: fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(modules.get(node.target), (nn.Identity, *_DROPOUTS))
+
+    for node in graph.nodes:
+        if not affine(node) or passthrough(node):
+            continue
+        seen, todo = set(), list(node.users)
+        while todo:
+            user = todo.pop()
+            if user in seen:
+                continue
+            seen.add(user)
+            if passthrough(user):
+                todo.extend(user.users)
+            elif affine(user):
+                return True
+    return False
 
 
 def _is_diag(analysis: Analysis, node: fx.Node) -> bool:
