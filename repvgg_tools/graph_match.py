@@ -31,6 +31,7 @@ _MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
 _DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
 _CAT = {torch.cat, torch.concat}
 _IDENTITY_METHODS = {"contiguous", "clone"}
+_IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, "add_", "sub_", "mul_", "div_"}
 _DROPOUTS = (nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout)
 _BN_FORWARDS = {nn.BatchNorm1d.forward, nn.BatchNorm2d.forward, nn.modules.batchnorm._BatchNorm.forward}
 
@@ -141,6 +142,8 @@ class Analysis:
 
     def _classify_function(self, node) -> tuple | None:
         t, args, kw = node.target, node.args, node.kwargs
+        if t in _IN_PLACE and not (isinstance(args[0], fx.Node) and len(args[0].users) == 1):
+            return None  # the mutated tensor is read elsewhere too: values depend on execution order
         if t in _ADD or t in _SUB:
             if kw.get("alpha", 1) != 1:
                 return None

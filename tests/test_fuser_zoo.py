@@ -307,3 +307,26 @@ def test_module_level_and_whole_model_rewrites_agree():
     with torch.no_grad():
         ref = model(x)
         assert compare_outputs(kept(x), ref)[1] <= 1e-5 and compare_outputs(whole(x), ref)[1] <= 1e-5
+
+
+class InPlaceAlias(nn.Module):
+    """``y.mul_(2)`` mutates a tensor that is also read elsewhere: not a pure affine op of ``y``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        z = y.mul_(2)
+        return torch.cat([y, z], 1)
+
+
+def test_in_place_op_on_a_shared_tensor_is_not_treated_as_pure():
+    model = randomize_batchnorm(InPlaceAlias(), seed=7).eval()
+    x = torch.randn(2, 3, 6, 6)
+    fused, report = graph_fuse(model, (x,))
+    with torch.no_grad():
+        assert compare_outputs(fused(x), model(x))[1] <= 1e-5
+    assert len(report.fused) == 1 and _count(fused) == (1, 0)  # conv + BN only; mul_ stays
