@@ -83,6 +83,7 @@ class _Context:
     rtol: float
     whole_model: bool = False
     top_graph: fx.Graph | None = None  # the model's graph, traced once already
+    noted: list = field(default_factory=list)  # paths whose unfused sub-graphs are in the report
     seed: int = 0
 
 
@@ -254,8 +255,9 @@ def _fuse_module(module: nn.Module, path: str, ctx: _Context) -> nn.Module:
         return module
     found = graph_match.plan(gm)
     todo = {n: m for n, m in found.outputs.items() if _worth_fusing(found, m)}
-    if not path or not ctx.report.unfused:
+    if not any(p == "" or path == p or path.startswith(p + ".") for p in ctx.noted):  # once per traced region
         _note_unfused(found, path, ctx)
+        ctx.noted.append(path)
     if not todo:
         return module
     lcas = {n: _lca(m) for n, m in todo.items()}
