@@ -372,11 +372,20 @@ def may_fuse(graph: fx.Graph, root: nn.Module) -> bool:
     forward passes it needs can be skipped.
     """
     modules = dict(root.named_modules())
+    consts: set = set()  # parameters, buffers and what is computed from them alone
+    for node in graph.nodes:
+        if node.op == "get_attr" or (node.op in ("call_function", "call_method") and node.all_input_nodes
+                                     and all(n in consts for n in node.all_input_nodes)):
+            consts.add(node)
 
     def affine(node: fx.Node) -> bool:
         if node.op == "call_module":
             return isinstance(modules.get(node.target), _AFFINE_MODULES)
-        return node.op in ("call_function", "call_method") and node.target in _AFFINE_FUNCTIONS
+        if node.op not in ("call_function", "call_method") or node.target not in _AFFINE_FUNCTIONS:
+            return False
+        if node.target in _MUL or node.target in _DIV:  # a product of two computed tensors is not affine
+            return any(not isinstance(a, fx.Node) or a in consts for a in node.args[:2])
+        return True
 
     def passthrough(node: fx.Node) -> bool:
         return node.op == "call_module" and isinstance(modules.get(node.target), (nn.Identity, *_DROPOUTS))
