@@ -326,9 +326,14 @@ def _rewrite(traced: _Traced, found, todo: dict, path: str, ctx: _Context) -> fx
         gm.add_module(name, module)
         with graph.inserting_before(node):
             new = graph.call_module(name, (replaced.get(m.root, m.root),))
+            if m.post is not None:  # the activation a BN module applied inside itself, now on its own
+                act_name = _unique(gm, f"{name}_act")
+                gm.add_module(act_name, gm.get_submodule(m.post))
+                new = graph.call_module(act_name, (new,))
         node.replace_all_uses_with(new)
         replaced[node] = new
-        ctx.report.fused.append(FusedItem(path, node.name, [lbl for lbl in m.labels if lbl], str(module), err))
+        after = str(module) + (f" + {type(gm.get_submodule(m.post)).__name__}" if m.post is not None else "")
+        ctx.report.fused.append(FusedItem(path, node.name, [lbl for lbl in m.labels if lbl], after, err))
     for node, m in found.outputs.items():  # identity-only chains (Identity, eval Dropout) read their root
         if m.identity and node.users and node not in todo:
             node.replace_all_uses_with(replaced.get(m.root, m.root))
@@ -393,6 +398,8 @@ def _check(gm: _Traced, found, node: fx.Node, m: AffineMap, module: nn.Module, c
         fused = F.linear(x, m.kernel[:, :, 0, 0].to(x.device), m.bias.to(x.device))
     else:
         fused = F.conv2d(x, m.kernel.to(x.device), m.bias.to(x.device), m.stride, m.padding, m.dilation, m.groups)
+    if m.post is not None:
+        fused = _call64(gm.get_submodule(m.post), (fused,), {})
     try:
         ref = _evaluate(gm, found.analysis, m, node, x.clone())
     except Exception as exc:  # noqa: BLE001 - the original ops do not run in float64: cannot check, do not fuse
@@ -419,12 +426,16 @@ def _evaluate(gm: _Traced, analysis, m: AffineMap, out: fx.Node, x: torch.Tensor
             continue
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
         if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            tensors = {k: (v.double() if v.is_floating_point() else v)
-                       for k, v in [*mod.named_parameters(), *mod.named_buffers()]}
-            env[node] = torch.func.functional_call(mod, tensors, tuple(args), kwargs)
+            env[node] = _call64(gm.get_submodule(node.target), tuple(args), kwargs)
         elif node.op == "call_function":
             env[node] = node.target(*args, **kwargs)
         else:
             env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
     return env[out]
+
+
+def _call64(module: nn.Module, args: tuple, kwargs: dict):
+    """Call a module with its floating-point parameters and buffers in float64 (the module is not changed)."""
+    tensors = {k: (v.double() if v.is_floating_point() else v)
+               for k, v in [*module.named_parameters(), *module.named_buffers()]}
+    return torch.func.functional_call(module, tensors, args, kwargs)

@@ -37,6 +37,7 @@ class Op:
     label: str = ""
     weighted: int = 1  # 0 for a pool: a kernel without weights
     tol: float = 1e-9  # relative tolerance of a pad value check
+    post: str | None = None  # an activation module (path) the op applies after itself (timm's BatchNormAct2d)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class AffineMap:
     cost: int = 0  # their weights' element count
     identity: bool = True  # no op changed values (identity, dropout)
     weighted: int = 0  # convs and linears with weights among kernel_ops (pools are not)
+    post: str | None = None  # activation module (path) applied after the map: the value is not affine
     labels: tuple = ()
 
     @property

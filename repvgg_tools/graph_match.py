@@ -130,11 +130,16 @@ class Analysis:
             return ("unary", x, Op("conv", _as64(m.weight)[:, :, None, None],
                                    _bias64(m.bias, m.out_features, m.weight), label=label))
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.running_mean is not None \
-                and (type(m).forward in _BN_FORWARDS or all(isinstance(ch, (nn.Identity, *_DROPOUTS))
-                                                             for ch in m.children())) \
-                and (rank == 4) == (m.running_mean.dim() == 1 and not isinstance(m, nn.BatchNorm1d)):
-            scale, shift = fuse_bn(m.running_mean, m.running_var, m.eps, m.weight, m.bias)
-            return ("unary", x, _diag(scale, shift, label))
+                and (rank == 4) == (not isinstance(m, nn.BatchNorm1d)):
+            # a BN subclass (timm's BatchNormAct2d) is read as BN -> its one torch activation child, if it has one
+            others = [(n, ch) for n, ch in m.named_children() if not isinstance(ch, (nn.Identity, *_DROPOUTS))]
+            act = others[0] if len(others) == 1 and type(others[0][1]).__module__ == nn.ReLU.__module__ else None
+            if type(m).forward in _BN_FORWARDS or not others or act is not None:
+                scale, shift = fuse_bn(m.running_mean, m.running_var, m.eps, m.weight, m.bias)
+                op = _diag(scale, shift, label)
+                op.post = f"{node.target}.{act[0]}" if act is not None and type(m).forward not in _BN_FORWARDS \
+                    else None
+                return ("unary", x, op)
         if type(m) is nn.AvgPool2d and rank == 4 and m.count_include_pad and not m.ceil_mode \
                 and m.divisor_override is None:
             return ("unary", x, _avg_op(c, m.kernel_size, m.stride, m.padding, label, self.device))
@@ -267,7 +272,7 @@ class Analysis:
         def base(x) -> AffineMap | None:
             if not isinstance(x, fx.Node) or x in self.consts:
                 return None
-            if x in vals and x not in cuts:
+            if x in vals and x not in cuts and vals[x].post is None:
                 return vals[x]
             return self.identity(x)
 
@@ -289,6 +294,8 @@ class Analysis:
                         cuts.add(x)
                         self.refusals[x] = str(why)
                         vals[node] = self._absorb(apply_op(self.identity(x), op), node)
+                    if op.post is not None:  # an activation closes the map: its users read the node
+                        vals[node] = replace(vals[node], post=op.post)
                 elif entry[0] == "sum":
                     (a, sa), (b, sb) = entry[1]
                     ma, mb = base(a), base(b)

@@ -69,4 +69,5 @@ def test_graph_fuser_matches_timm_reparameterize_model(name):
         err_train = compare_outputs(ours(x), model(x))[1]
     assert err <= 1e-5 and err_train <= 1e-5, (err, err_train)
     assert _conv_bn(ours) <= _conv_bn(reference), (name, _conv_bn(ours), _conv_bn(reference), str(report))
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ours.modules()), name
     assert _conv_bn(ours) < _conv_bn(model)

@@ -354,3 +354,26 @@ def test_structural_prescan():
 
     gated = Gated()
     assert may_fuse(_Tracer().trace(gated), gated) is False
+
+
+class BNAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d pattern: a BN module that applies its activation child itself."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+def test_bn_module_with_its_own_activation():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), BNAct(4), nn.Conv2d(4, 4, 1), BNAct(4))
+    model = randomize_batchnorm(model, seed=8).eval()
+    x = torch.randn(2, 3, 7, 7)
+    fused, report = graph_fuse(model, (x,))
+    assert _count(fused) == (2, 0) and sum(isinstance(m, nn.ReLU) for m in fused.modules()) == 2
+    assert all("ReLU" in f.after for f in report.fused) and len(report.fused) == 2
+    with torch.no_grad():
+        assert compare_outputs(fused(x), model(x))[1] <= 1e-5
