@@ -17,12 +17,12 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from . import graph_match
-from .graph_match import AffineMap
+from . import graph_match, graph_plan
+from .graph_check import build_module, check_replacement
+from .graph_maps import AffineMap
 
 __all__ = ["FuseReport", "FusedItem", "graph_fuse", "example_inputs_for", "VERIFY_RTOL"]
 
@@ -141,7 +141,7 @@ def graph_fuse(
         top_graph = None
         try:  # nothing to fuse (a deployed network): skip the forward passes
             top_graph = _Tracer(tuple(leaf_modules)).trace(model)
-            nothing = not graph_match.may_fuse(top_graph, model)
+            nothing = not graph_plan.may_fuse(top_graph, model)
         except Exception:  # noqa: BLE001 - untraceable at the top: the children are tried below
             nothing = False
         inputs = None if nothing else _capture_inputs(model, example_inputs)
@@ -253,7 +253,7 @@ def _fuse_module(module: nn.Module, path: str, ctx: _Context) -> nn.Module:
             if new is not child:
                 setattr(module, name, new)
         return module
-    found = graph_match.plan(gm)
+    found = graph_plan.plan(gm)
     todo = {n: m for n, m in found.outputs.items() if _worth_fusing(found, m)}
     if not any(p == "" or path == p or path.startswith(p + ".") for p in ctx.noted):  # once per traced region
         _note_unfused(found, path, ctx)
@@ -311,8 +311,8 @@ def _rewrite(traced: _Traced, found, todo: dict, path: str, ctx: _Context) -> fx
     graph = traced.graph
     accepted = []
     for node, m in todo.items():
-        module = _build(m, node)
-        err = _check(gm, found, node, m, module, ctx)
+        module = build_module(m, node)
+        err = check_replacement(gm, found, node, m, ctx.seed)
         rtol = max(ctx.rtol, 10 * torch.finfo(node.meta["tensor_meta"].dtype).eps)
         if err <= rtol:
             accepted.append((node, m, module, err))
@@ -363,79 +363,3 @@ def _unique(gm: nn.Module, name: str) -> str:
     while hasattr(gm, name):
         name, i = f"{base}_{i}", i + 1
     return name
-
-
-def _build(m: AffineMap, node: fx.Node) -> nn.Module:
-    shape, dtype = node.meta["tensor_meta"].shape, node.meta["tensor_meta"].dtype
-    device = m.kernel.device
-    kernel, bias = m.kernel.to(dtype=dtype, device=device), m.bias.to(dtype=dtype, device=device)
-    co, ci = kernel.shape[0], kernel.shape[1] * m.groups
-    if m.rank == 2:
-        layer = nn.Linear(ci, co, device="meta")
-        layer.weight = nn.Parameter(kernel[:, :, 0, 0].contiguous())
-    else:
-        layer = nn.Conv2d(ci, co, tuple(kernel.shape[-2:]), m.stride, m.padding, m.dilation, m.groups,
-                          device="meta")
-        layer.weight = nn.Parameter(kernel.contiguous())
-    layer.bias = nn.Parameter(bias.contiguous())
-    if tuple(shape[1:2]) != (co,):
-        raise ValueError(f"fused {node.name} has {co} channels, the graph {shape[1]}")
-    return layer
-
-
-@torch.no_grad()
-def _check(gm: _Traced, found, node: fx.Node, m: AffineMap, module: nn.Module, ctx: _Context) -> float:
-    """max rel error, in float64 on a random input, between the original sub-graph and the replacement."""
-    shape = list(m.root.meta["tensor_meta"].shape)
-    shape[0] = 1
-    if m.rank == 4:  # any size that covers the kernel a few times over checks every tap, the border included
-        for i in (0, 1):
-            extent = (m.kernel.shape[2 + i] - 1) * m.dilation[i] + 1
-            shape[2 + i] = min(shape[2 + i], max(12, 2 * extent + 2 * m.stride[i]))
-    gen = torch.Generator().manual_seed(ctx.seed)
-    x = torch.randn(*shape, generator=gen, dtype=torch.float64).to(m.kernel.device)
-    if m.rank == 2:
-        fused = F.linear(x, m.kernel[:, :, 0, 0].to(x.device), m.bias.to(x.device))
-    else:
-        fused = F.conv2d(x, m.kernel.to(x.device), m.bias.to(x.device), m.stride, m.padding, m.dilation, m.groups)
-    if m.post is not None:
-        fused = _call64(gm.get_submodule(m.post), (fused,), {})
-    try:
-        ref = _evaluate(gm, found.analysis, m, node, x.clone())
-    except Exception as exc:  # noqa: BLE001 - the original ops do not run in float64: cannot check, do not fuse
-        log.warning("graph fuser: cannot evaluate %s in float64 (%s)", node.name, exc)
-        return float("inf")
-    if ref.shape != fused.shape:
-        return float("inf")
-    scale = ref.abs().max().item()
-    return (fused - ref).abs().max().item() / scale if scale > 0 else float((fused - ref).abs().max().item() > 0)
-
-
-def _evaluate(gm: _Traced, analysis, m: AffineMap, out: fx.Node, x: torch.Tensor) -> torch.Tensor:
-    """Run the original nodes of a sub-graph in float64 (modules through functional_call with float64 tensors)."""
-    env = {m.root: x}
-
-    def value(n):
-        if n in env:
-            return env[n]
-        c = analysis.consts[n]
-        return c.clone() if isinstance(c, torch.Tensor) else c
-
-    for node in gm.graph.nodes:
-        if node not in m.nodes:
-            continue
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
-        if node.op == "call_module":
-            env[node] = _call64(gm.get_submodule(node.target), tuple(args), kwargs)
-        elif node.op == "call_function":
-            env[node] = node.target(*args, **kwargs)
-        else:
-            env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
-    return env[out]
-
-
-def _call64(module: nn.Module, args: tuple, kwargs: dict):
-    """Call a module with its floating-point parameters and buffers in float64 (the module is not changed)."""
-    tensors = {k: (v.double() if v.is_floating_point() else v)
-               for k, v in [*module.named_parameters(), *module.named_buffers()]}
-    return torch.func.functional_call(module, tensors, args, kwargs)

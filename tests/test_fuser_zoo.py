@@ -336,7 +336,7 @@ def test_structural_prescan():
     """A deployed network (SE gates included) needs no forward pass; a training block does."""
     from repvgg_tools import create_model
     from repvgg_tools.graph_fuser import _Tracer
-    from repvgg_tools.graph_match import may_fuse
+    from repvgg_tools.graph_plan import may_fuse
 
     deployed = create_model("repvgg_a0", num_classes=10, deploy=True).eval()
     se = zoo.RepVGG(4, 4)
