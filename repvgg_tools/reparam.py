@@ -1,8 +1,9 @@
-"""``reparameterize``: turn any model that contains our blocks or Conv2d->BatchNorm2d pairs into its plain form."""
+"""``reparameterize``: turn any model into its plain form (blocks' own methods, Conv->BN folds, the graph fuser)."""
 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from collections import Counter
 
@@ -10,8 +11,9 @@ import torch
 from torch import nn
 
 from .blocks import conv_bn_kernel_bias
+from .graph_fuser import FuseReport, graph_fuse
 
-__all__ = ["reparameterize", "fold_conv_bn"]
+__all__ = ["reparameterize", "fold_conv_bn", "call_deploy_methods", "METHOD_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -20,21 +22,42 @@ log = logging.getLogger(__name__)
 _ACTIVE: set[int] = set()
 
 
-def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Return the deploy form of ``model``: every re-parameterizable block fused, every Conv2d->BatchNorm2d folded.
+METHOD_NAMES = ("reparameterize", "switch_to_deploy", "fuse")  # ours and timm; official, MMPretrain, YOLOv6; timm
 
-    Blocks are any module with a ``reparameterize()`` method (our :class:`~repvgg_tools.blocks.RepVGGBlock`), ``model``
-    itself included. BatchNorms are folded where they directly follow a Conv2d: inside an ``nn.Sequential`` the BN
-    entry is removed (index-named entries are renumbered, so ``vgg16_bn`` becomes exactly the ``vgg16`` layout; other
-    names are kept); elsewhere the pair is found by tracing with ``torch.fx`` and the BN is replaced by
-    ``nn.Identity``. Idempotent; works in any dtype and on any device.
+
+def reparameterize(
+    model: nn.Module, inplace: bool = False, *, methods: bool = True, graph: bool = True,
+    example_inputs: tuple | None = None, report: bool = False,
+) -> nn.Module | tuple[nn.Module, FuseReport]:
+    """Return the deploy form of ``model``: every re-parameterizable structure fused into plain convolutions.
+
+    Three steps, each exact and each skipping what it cannot handle:
+
+    1. Blocks' own conversion methods (``methods``): ``reparameterize()`` (ours, timm), ``switch_to_deploy()`` (the
+       official RepVGG/DBB code, MMPretrain, YOLOv6) or ``fuse()`` (timm's RepViT/EfficientViT: a returned module
+       replaces the block), called top-down on the first module of a branch that has one and takes no required
+       argument; its children are then left to it. Modules of torch itself are never called.
+    2. Conv2d->BatchNorm2d folding: inside an ``nn.Sequential`` the BN entry is removed (index-named entries are
+       renumbered, so ``vgg16_bn`` becomes exactly the ``vgg16`` layout); elsewhere pairs found by tracing with
+       ``torch.fx`` fold and the BN becomes ``nn.Identity`` (only a BN that nothing else reads).
+    3. The graph fuser (``graph``, :func:`repvgg_tools.graph_fuser.graph_fuse`): every remaining linear sub-graph
+       (branch sums, BN-only and identity branches, 1x1->kxk chains, average pools, layer scales...) becomes the
+       single conv it equals, each checked in float64 before it is swapped in; blocks without any method fuse too.
+
+    Idempotent; works in any dtype and on any device.
 
     Args:
         model: the training-form model. BatchNorm running statistics are used, as in eval mode.
-        inplace: modify ``model`` itself instead of a deep copy.
+        inplace: modify ``model`` itself instead of a deep copy (a model whose own ``forward`` holds a fused
+            sub-graph is returned as a new GraphModule even then).
+        methods: call the blocks' own methods first (``False``: the graph fuser alone).
+        graph: run the graph fuser.
+        example_inputs: inputs of one forward call for the graph fuser (default: a 64x64 image sized from the first
+            Conv2d).
+        report: also return the graph fuser's :class:`~repvgg_tools.graph_fuser.FuseReport`.
 
     Returns:
-        The re-parameterized model (``model`` itself when ``inplace``).
+        The re-parameterized model (``model`` itself when ``inplace``, unless replaced), or ``(model, report)``.
     """
     if model.training:
         log.warning(
@@ -43,20 +66,63 @@ def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
         )
     if not inplace:
         model = copy.deepcopy(model)
-    blocks = 0
-    for module in list(model.modules()):
-        if id(module) in _ACTIVE or not callable(getattr(module, "reparameterize", None)):
+    blocks = call_deploy_methods(model) if methods else 0
+    folded = fold_conv_bn(model)
+    fuse_report = FuseReport()
+    if graph:
+        model, fuse_report = graph_fuse(model, example_inputs, inplace=True)
+    log.info("reparameterized %d blocks by their methods, folded %d Conv2d->BatchNorm2d pairs, fused %d sub-graphs",
+             blocks, folded, len(fuse_report.fused))
+    return (model, fuse_report) if report else model
+
+
+def _deploy_method(module: nn.Module):
+    """The first of :data:`METHOD_NAMES` that ``module`` defines outside torch and can call without arguments."""
+    if type(module).__module__.startswith("torch."):
+        return None, None
+    for name in METHOD_NAMES:
+        method = getattr(module, name, None)
+        if not callable(method) or isinstance(method, nn.Module):
             continue
+        try:
+            params = inspect.signature(method).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        if any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               for p in params):
+            log.debug("%s.%s takes required arguments: not called", type(module).__name__, name)
+            continue
+        return name, method
+    return None, None
+
+
+def call_deploy_methods(model: nn.Module) -> int:
+    """Call the blocks' own deploy methods (see :func:`reparameterize`), top-down, in place.
+
+    Returns:
+        The number of methods called on modules not already deployed.
+    """
+    called = 0
+
+    def visit(module: nn.Module, parent: nn.Module | None, attr: str) -> None:
+        nonlocal called
+        name, method = (None, None) if id(module) in _ACTIVE else _deploy_method(module)
+        if method is None:
+            for child_name, child in list(module.named_children()):
+                visit(child, module, child_name)
+            return
         if not getattr(module, "is_deployed", False):
-            blocks += 1
+            called += 1
         _ACTIVE.add(id(module))
         try:
-            module.reparameterize()
+            result = method()
         finally:
             _ACTIVE.discard(id(module))
-    folded = fold_conv_bn(model)
-    log.info("reparameterized %d blocks and folded %d Conv2d->BatchNorm2d pairs", blocks, folded)
-    return model
+        if name == "fuse" and isinstance(result, nn.Module) and result is not module and parent is not None:
+            setattr(parent, attr, result)  # timm's convention: fuse() returns the replacement
+
+    visit(model, None, "")
+    return called
 
 
 @torch.no_grad()
@@ -113,12 +179,15 @@ def _fold_traced(model: nn.Module) -> int:
                     type(model).__name__, exc)
         return 0
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    # a BN whose tensors the code also reads (DBB pads with its shift) must stay a BN
+    read = {n.target.rpartition(".")[0] for n in graph.nodes if n.op == "get_attr"}
     folded = 0
     for node in graph.nodes:
         if node.op != "call_module" or not node.args or not isinstance(node.args[0], torch.fx.Node):
             continue
         src = node.args[0]
-        if src.op != "call_module" or len(src.users) != 1 or calls[src.target] != 1 or calls[node.target] != 1:
+        if src.op != "call_module" or len(src.users) != 1 or calls[src.target] != 1 or calls[node.target] != 1 \
+                or node.target in read:
             continue
         conv, bn = model.get_submodule(src.target), model.get_submodule(node.target)
         if not _foldable(conv, bn):

@@ -135,7 +135,8 @@ def test_fasterrcnn_head_with_untraceable_bn_still_exact(caplog):
     with caplog.at_level(logging.WARNING, logger="repvgg_tools.reparam"):
         deployed = reparameterize(model)
     assert "could not trace" in caplog.text
-    assert isinstance(deployed.roi_heads.box_head.convbn.bn, nn.BatchNorm2d)  # left in place, still correct
+    # the fx fold cannot reach it; the graph fuser skips the untraceable detector and fuses its traceable parts
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.roi_heads.box_head.modules())
     with torch.no_grad():
         assert_same_detections(ref, deployed(images))
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import repvgg_tools
 from repvgg_tools import create_model, fold_conv_bn, randomize_batchnorm, reparameterize
-from repvgg_tools.blocks import RepVGGBlock
+from repvgg_tools.blocks import RepVGGBlock, conv_bn_kernel_bias
 from repvgg_tools.models import RepVGG
 from repvgg_tools.models.vgg import VGG_CONFIGS, make_vgg_features
 from repvgg_tools.verify import compare_outputs
@@ -153,12 +153,23 @@ class UserNet(nn.Module):
 def test_user_model_attributes_fold_through_fx(dtype, tol):
     torch.manual_seed(0)
     model = randomize_batchnorm(UserNet().to(dtype), seed=6).eval()
-    deployed = reparameterize(model)
-    assert isinstance(deployed.bn, nn.Identity) and isinstance(deployed.bn2, nn.Identity)
-    assert isinstance(deployed.bn3, nn.BatchNorm2d) and isinstance(deployed.bn4, nn.BatchNorm2d)
-    assert deployed.conv.bias is not None and deployed.conv.bias.dtype == dtype
+    # the pairwise fx fold alone keeps the class: plain Conv->BN pairs fold, the rest stays
+    folded = copy.deepcopy(model)
+    assert fold_conv_bn(folded) == 2
+    assert isinstance(folded.bn, nn.Identity) and isinstance(folded.bn2, nn.Identity)
+    assert isinstance(folded.bn3, nn.BatchNorm2d) and isinstance(folded.bn4, nn.BatchNorm2d)
+    assert folded.conv.bias is not None and folded.conv.bias.dtype == dtype
+    # the graph fuser then folds ``bn3(y) + y`` (y = conv3(x), read twice) and ``bn2(conv2(x)) + x`` into one conv
+    # each; bn4 follows a ReLU: no conv to fold into
+    deployed, report = reparameterize(model, report=True)
+    assert [type(m) for m in deployed.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] == [nn.BatchNorm2d]
+    assert sum(isinstance(m, nn.Conv2d) for m in deployed.modules()) == 3
+    assert len(report.fused) == 2 and any("bn4" in why for _, why in report.unfused)
+    assert all(p.dtype == dtype for p in deployed.parameters())
     assert _rel(deployed, model, torch.randn(2, 3, 12, 12, dtype=dtype)) <= tol
     assert fold_conv_bn(deployed) == 0  # nothing left to fold
+    again, report = reparameterize(deployed, report=True)
+    assert not report.fused and _same_state(_state(again), _state(deployed))
 
 
 class Untraceable(nn.Module):
@@ -198,13 +209,17 @@ def test_sequential_folding_rules():
     )
     model = randomize_batchnorm(model, seed=8).eval()
     x = torch.randn(2, 3, 7, 7)
-    deployed = reparameterize(model)
+    deployed = copy.deepcopy(model)
+    assert fold_conv_bn(deployed) == 2
     assert list(deployed._modules) == ["0", "1", "2", "3", "4", "5"]
     assert [type(m) for m in deployed] == [nn.Conv2d, nn.ReLU, nn.Sequential, nn.BatchNorm2d, nn.Conv2d,
                                            nn.BatchNorm2d]
     assert list(deployed[2]._modules) == ["conv", "act"]
     assert _rel(deployed, model, x) <= 1e-5
-    assert fold_conv_bn(copy.deepcopy(model)) == 2
+    # the graph fuser then folds the BN after the ReLU into the unpadded 1x1 conv that follows it (exact: no border)
+    fused, report = reparameterize(model, report=True)
+    assert [type(m) for m in _bns(fused)] == [nn.BatchNorm2d] and not _bns(fused)[0].track_running_stats
+    assert len(report.fused) == 1 and _rel(fused, model, x) <= 1e-5
 
 
 def test_bare_block_and_vgg_fold_counts():
@@ -245,3 +260,133 @@ def test_model_with_own_reparameterize_method():
     deployed = reparameterize(model)
     assert deployed.calls == 1 and deployed.block.is_deployed
     assert _rel(deployed, model, torch.randn(1, 4, 5, 5)) <= 1e-5
+
+
+class BNAndPadUser(nn.Module):
+    """DBB's "BN and pad": the module reads its BN's tensors to pad with the BN's shift after calling it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        value = self.bn.bias - self.bn.running_mean * self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+        out = nn.functional.pad(out - value.view(1, -1, 1, 1), [1, 1, 1, 1]) + value.view(1, -1, 1, 1)
+        return self.conv2(out)
+
+
+def test_bn_read_elsewhere_is_not_replaced_by_identity():
+    """Regression: the fx fold replaced a BN by nn.Identity although the pad code reads bn.bias (DBB: AttributeError
+    'Identity' object has no attribute 'bias'). Now such a BN stays for the fold; the graph fuser merges it exactly."""
+    model = randomize_batchnorm(BNAndPadUser(), seed=11).eval()
+    folded = copy.deepcopy(model)
+    assert fold_conv_bn(folded) == 0 and isinstance(folded.bn, nn.BatchNorm2d)
+    x = torch.randn(2, 4, 9, 9)
+    assert _rel(folded, model, x) == 0
+    deployed = reparameterize(model)
+    assert not _bns(deployed) and sum(isinstance(m, nn.Conv2d) for m in deployed.modules()) == 1
+    assert _rel(deployed, model, x) <= 1e-5
+
+
+# ---- third-party deploy methods (issue 10) --------------------------------------------------------------------
+
+class _Branchy(nn.Module):
+    """Two conv+BN branches summed; ``deploy()`` merges them exactly (the body every stand-in shares)."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels))
+        self.b = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels))
+        self.calls = 0
+
+    def forward(self, x):
+        if hasattr(self, "merged"):
+            return torch.relu(self.merged(x))
+        return torch.relu(self.a(x) + self.b(x))
+
+    @torch.no_grad()
+    def deploy(self) -> None:
+        self.calls += 1
+        if hasattr(self, "merged"):
+            return
+        ka, ba = conv_bn_kernel_bias(self.a[0], self.a[1])
+        kb, bb = conv_bn_kernel_bias(self.b[0], self.b[1])
+        self.merged = nn.Conv2d(ka.shape[1], ka.shape[0], 3, padding=1)
+        self.merged.weight.copy_(ka + nn.functional.pad(kb, [1, 1, 1, 1]))
+        self.merged.bias.copy_(ba + bb)
+        del self.a, self.b
+
+
+class TimmStyle(_Branchy):
+    def reparameterize(self) -> None:  # timm: in place, no arguments
+        self.deploy()
+
+
+class OfficialStyle(_Branchy):
+    def switch_to_deploy(self) -> None:  # official RepVGG/DBB, MMPretrain, YOLOv6 RepVGGBlock
+        self.deploy()
+
+
+class FuseReturnsReplacement(_Branchy):
+    def fuse(self) -> nn.Module:  # timm RepViT: returns the module that replaces it
+        self.deploy()
+        return nn.Sequential(self.merged, nn.ReLU())
+
+
+class FuseWithArgument(_Branchy):
+    """A ``fuse`` that means something else and needs an argument: must never be called."""
+
+    def fuse(self, other: nn.Module) -> None:
+        raise AssertionError("fuse(other) must not be called")
+
+
+class Parent(nn.Module):
+    """A parent whose own method converts its children: the children's methods must not run again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = OfficialStyle()
+
+    def forward(self, x):
+        return self.inner(x)
+
+    def switch_to_deploy(self) -> None:
+        self.inner.switch_to_deploy()
+
+
+@pytest.mark.parametrize("cls", [TimmStyle, OfficialStyle, FuseReturnsReplacement], ids=["timm", "official", "fuse"])
+def test_third_party_methods_are_called(cls):
+    model = randomize_batchnorm(nn.Sequential(cls(), cls()), seed=12).eval()
+    x = torch.randn(2, 4, 7, 7)
+    deployed, report = reparameterize(model, report=True)
+    assert not _bns(deployed) and not report.fused  # the methods did it; nothing left for the graph fuser
+    if cls is FuseReturnsReplacement:
+        assert [type(m) for m in deployed] == [nn.Sequential, nn.Sequential]
+    else:
+        assert all(m.calls == 1 for m in deployed)
+    assert _rel(deployed, model, x) <= 1e-5
+
+
+def test_method_with_required_argument_is_not_called():
+    model = randomize_batchnorm(FuseWithArgument(), seed=13).eval()
+    x = torch.randn(2, 4, 7, 7)
+    deployed, report = reparameterize(model, report=True)  # would raise if fuse(other) were called
+    assert not _bns(deployed) and len(report.fused) == 1  # the graph fuser merged the branches instead
+    assert _rel(deployed, model, x) <= 1e-5
+
+
+def test_ancestor_method_handles_its_children_once():
+    model = randomize_batchnorm(Parent(), seed=14).eval()
+    deployed = reparameterize(model)
+    assert deployed.inner.calls == 1 and hasattr(deployed.inner, "merged")
+    assert _rel(deployed, model, torch.randn(1, 4, 6, 6)) <= 1e-5
+
+
+def test_methods_false_uses_the_graph_fuser_alone():
+    model = randomize_batchnorm(TimmStyle(), seed=15).eval()
+    deployed, report = reparameterize(model, methods=False, report=True)
+    assert model.calls == 0 and len(report.fused) == 1 and not _bns(deployed)
+    assert _rel(deployed, model, torch.randn(1, 4, 6, 6)) <= 1e-5

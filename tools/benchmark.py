@@ -8,6 +8,7 @@ Examples:
     python tools/benchmark.py --models repvgg_a0 --batch 1 --size 64 --iters 2 --out /tmp/bench
     python tools/benchmark.py --models repvgg_b3 --conversion   # + conversion time and peak RAM vs timm
     python tools/benchmark.py --trt                             # + TensorRT (needs CUDA and a TensorRT backend)
+    python tools/benchmark.py --fuser --threads 1               # graph fuser vs timm's reparameterize_model only
 """
 
 from __future__ import annotations
@@ -391,10 +392,79 @@ def machine_info() -> dict:
     return info
 
 
+FUSER_MODELS = ("mobileone_s0", "fastvit_t8")
+
+
+def bench_fuser(names=FUSER_MODELS, repeats: int = 3, size: int = 64) -> dict:
+    """Our graph fuser (no timm methods) vs timm's ``reparameterize_model`` on the same model, interleaved, median of
+    ``repeats`` runs each (both deep-copy the model); modules before/after, max rel error between the two results
+    and what our fuser left unfused."""
+    import time
+    from collections import Counter
+
+    import timm
+    from timm.utils.model import reparameterize_model
+
+    from repvgg_tools import randomize_batchnorm
+    from repvgg_tools.graph_fuser import graph_fuse
+    from repvgg_tools.verify import compare_outputs
+
+    def counts(m):
+        kinds = Counter(type(q).__name__ for q in m.modules())
+        bns = sum(isinstance(q, torch.nn.modules.batchnorm._BatchNorm) for q in m.modules())
+        return {"Conv2d": kinds["Conv2d"], "BatchNorm": bns, "modules": sum(kinds.values())}
+
+    rows = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = randomize_batchnorm(timm.create_model(name, pretrained=False), seed=0).eval()
+        x = torch.randn(1, 3, size, size)
+        t_timm, t_ours, t_whole = [], [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            ref = reparameterize_model(model)
+            t_timm.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            ours, report = graph_fuse(model, (x,))
+            t_ours.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            graph_fuse(model, (x,), whole_model=True)
+            t_whole.append(time.perf_counter() - start)
+        with torch.no_grad():
+            x = torch.randn(2, 3, size, size)
+            rel = compare_outputs(ours(x), ref(x))[1]
+        timm_s, ours_s = statistics.median(t_timm), statistics.median(t_ours)
+        reasons = Counter(why.split(":", 1)[-1].strip()[:90] for _, why in report.unfused)
+        whole_s = statistics.median(t_whole)
+        rows[name] = {"timm_s": timm_s, "ours_s": ours_s, "ratio": ours_s / timm_s, "whole_model_s": whole_s,
+                      "whole_model_ratio": whole_s / timm_s, "before": counts(model),
+                      "timm": counts(ref), "ours": counts(ours), "max_rel_vs_timm": rel,
+                      "fused": len(report.fused), "unfused": dict(reasons.most_common(5)),
+                      "skipped": [f"{w}: {why}" for w, why in report.skipped]}
+    return rows
+
+
+def fuser_markdown(rows: dict) -> str:
+    lines = ["## Graph fuser vs timm reparameterize_model", "",
+             "`ours`: fused modules replaced in place (the model keeps its class); `whole`: `graph_fuse(...,"
+             " whole_model=True)` (one trace, the model becomes a GraphModule). Medians; both sides deep-copy.", "",
+             "| model | timm s | ours s | ratio | whole s | ratio | Conv2d/BN before | timm | ours | max rel vs timm |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        cb = [f"{r[k]['Conv2d']}/{r[k]['BatchNorm']}" for k in ("before", "timm", "ours")]
+        lines.append(f"| {name} | {r['timm_s']:.3f} | {r['ours_s']:.3f} | {r['ratio']:.2f}x | "
+                     f"{r['whole_model_s']:.3f} | {r['whole_model_ratio']:.2f}x | {cb[0]} | {cb[1]} | {cb[2]} | "
+                     f"{r['max_rel_vs_timm']:.1e} |")
+    for name, r in rows.items():
+        for why, n in r["unfused"].items():
+            lines.append(f"- {name}: {n} left unfused: {why}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = Parser(description=__doc__.split("\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["repvgg_a0", "repvgg_b0", "vgg16"])
+    p.add_argument("--models", nargs="+", help="default: repvgg_a0 repvgg_b0 vgg16 (none with --fuser alone)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--iters", type=int, default=20, help="timed iterations (median reported)")
@@ -406,7 +476,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conversion", action="store_true", help="time repvgg_b3 checkpoint conversion, ours vs timm")
     p.add_argument("--conversion-arch", default="repvgg_b3")
     p.add_argument("--trt", action="store_true", help="TensorRT and PyTorch eager on the GPU (needs CUDA)")
+    p.add_argument("--fuser", action="store_true", help="time our graph fuser vs timm's reparameterize_model on "
+                   + " and ".join(FUSER_MODELS))
     args = p.parse_args(argv)
+    if args.models is None:
+        args.models = [] if args.fuser else ["repvgg_a0", "repvgg_b0", "vgg16"]
 
     from repvgg_tools import list_models
 
@@ -435,9 +509,16 @@ def main(argv: list[str] | None = None) -> int:
         report["conversion"] = bench_conversion(args.conversion_arch)
     if args.trt:
         report["trt"] = bench_trt(args.models, args)
+    if args.fuser:
+        print("graph fuser vs timm reparameterize_model ...", file=sys.stderr)
+        report["fuser"] = bench_fuser()
     report["machine"]["loadavg_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     write_report(report, out)
-    plot_report(report, out)
+    if report["models"]:
+        plot_report(report, out)
+    if args.fuser:
+        with open(out / "report.md", "a") as fh:
+            fh.write("\n" + fuser_markdown(report["fuser"]))
     print((out / "report.md").read_text())
     return 0
 
