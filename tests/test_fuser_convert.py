@@ -6,11 +6,11 @@ import textwrap
 
 import pytest
 import torch
+from repvgg_tools.convert_parts import ConversionError
 from torch import nn
 
 from repvgg_tools import randomize_batchnorm, reparameterize
 from repvgg_tools.checkpoint import CheckpointError, save_checkpoint
-from repvgg_tools.convert_parts import ConversionError
 from repvgg_tools.graph_convert import FusionVerificationError, convert_user_model, load_factory
 from repvgg_tools.verify import compare_outputs
 
