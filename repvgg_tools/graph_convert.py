@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from .convert_parts import ConversionError
 from .graph_fuser import example_inputs_for
+from .layouts import ConversionError
 from .reparam import reparameterize
 from .verify import DEFAULT_RTOL, VerifyResult, verify_equivalence
 

@@ -6,12 +6,12 @@ import textwrap
 
 import pytest
 import torch
-from repvgg_tools.convert_parts import ConversionError
 from torch import nn
 
 from repvgg_tools import randomize_batchnorm, reparameterize
 from repvgg_tools.checkpoint import CheckpointError, save_checkpoint
 from repvgg_tools.graph_convert import FusionVerificationError, convert_user_model, load_factory
+from repvgg_tools.layouts import ConversionError
 from repvgg_tools.verify import compare_outputs
 
 USER_CODE = textwrap.dedent('''
@@ -127,3 +127,31 @@ def test_docs_custom_block_example_runs(capsys):
     exec(compile(block, "docs/fuser.md", "exec"), {})
     out = capsys.readouterr().out
     assert "fused 2 sub-graphs" in out and "BatchNormalization" not in out and "'Conv'" in out
+
+
+def test_repvgg_convert_model_flag_runs_the_users_code_through_the_cli(user_model, tmp_path):
+    """``repvgg-convert --model pkg.module:factory IN OUT --export-onnx M``: a real process; errors are one line."""
+    import os
+    import subprocess
+    import sys
+
+    _, ckpt, _ = user_model
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "repvgg_tools.cli.convert", *map(str, args)], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    out, onnx_path = tmp_path / "cli_deploy.pth", tmp_path / "cli.onnx"
+    proc = run(ckpt, out, "--model", "user_blocks_fuser_test:build", "--export-onnx", onnx_path,
+               "--input-shape", 1, 3, 32, 32)
+    assert proc.returncode == 0, proc.stderr
+    assert "fused:       2 sub-graphs" in proc.stdout and out.exists() and onnx_path.exists()
+    for args, words in (((ckpt, tmp_path / "x.pth", "--model", "nowhere_xyz:build"), "cannot import"),
+                        ((ckpt, tmp_path / "x.pth", "--export-onnx", onnx_path), "need --model"),
+                        ((ckpt, tmp_path / "x.pth", "--model", "user_blocks_fuser_test:build", "--arch", "repvgg_a0"),
+                         "do not apply")):
+        proc = run(*args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], \
+            proc.stderr

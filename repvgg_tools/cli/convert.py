@@ -138,10 +138,11 @@ def _convert_user_model(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if not args.quiet:
         v = report.get("verify")
-        print(f"fused:       {len(report.get('fused', []))} sub-graphs, {len(report.get('unfused', []))} left as they "
-              "are")
+        print(f"fused:       {report['fused']} sub-graphs, {len(report['unfused'])} left as they are")
+        for line in report["unfused"][:10]:
+            print(f"  unfused:   {line}")
         if v:
-            print(f"verify:      float64: max rel err {v.get('max_rel', float('nan')):.3e}")
+            print(f"verify:      float64: max rel err {v['max_rel']:.3e} ok")
         print(f"wrote {args.output}" + (f" and {args.export_onnx}" if args.export_onnx else ""))
     if args.json:
         _write_json(args.json, {**report, "exit_code": EXIT_OK}, force=args.force)
