@@ -12,7 +12,8 @@ from .verify import VerifyResult, randomize_batchnorm, verify_equivalence
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConvBN", "RepVGGBlock", "QARepVGGBlock", "SEBlock", "CheckpointError", "load_checkpoint", "read_state_dict", "save_checkpoint",
+    "ConvBN", "RepVGGBlock", "QARepVGGBlock", "SEBlock", "CheckpointError", "load_checkpoint", "read_state_dict",
+    "save_checkpoint",
     "ConversionError", "VerificationError", "convert_file", "convert_state_dict", "load_model", "create_model",
     "list_models", "register_model", "fold_conv_bn", "reparameterize", "VerifyResult", "randomize_batchnorm",
     "verify_equivalence", "graph_fuse", "FuseReport", "convert_user_model", "__version__",
