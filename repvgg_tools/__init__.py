@@ -1,20 +1,50 @@
-"""repvgg-tools: train multi-branch RepVGG/VGG networks, convert them to plain 3x3 stacks, verify, deploy."""
+"""repvgg-tools: train multi-branch RepVGG/VGG networks, convert them to plain 3x3 stacks, verify, deploy.
 
-from .blocks import ConvBN, QARepVGGBlock, RepVGGBlock, SEBlock
-from .checkpoint import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint
-from .convert import ConversionError, VerificationError, convert_file, convert_state_dict, load_model
-from .graph_convert import convert_user_model
-from .graph_fuser import FuseReport, graph_fuse
-from .models import create_model, list_models, register_model
-from .reparam import fold_conv_bn, reparameterize
-from .verify import VerifyResult, randomize_batchnorm, verify_equivalence
+The names below are imported on first use, so ``import repvgg_tools.cli.common`` (what every command's argument
+parsing needs) does not import torch: a usage error answers at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConvBN", "RepVGGBlock", "QARepVGGBlock", "SEBlock", "CheckpointError", "load_checkpoint", "read_state_dict",
-    "save_checkpoint",
-    "ConversionError", "VerificationError", "convert_file", "convert_state_dict", "load_model", "create_model",
-    "list_models", "register_model", "fold_conv_bn", "reparameterize", "VerifyResult", "randomize_batchnorm",
-    "verify_equivalence", "graph_fuse", "FuseReport", "convert_user_model", "__version__",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "ConvBN": "blocks", "RepVGGBlock": "blocks", "QARepVGGBlock": "blocks", "SEBlock": "blocks",
+    "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint", "read_state_dict": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "ConversionError": "convert", "VerificationError": "convert", "convert_file": "convert",
+    "convert_state_dict": "convert", "load_model": "convert",
+    "convert_user_model": "graph_convert", "FuseReport": "graph_fuser", "graph_fuse": "graph_fuser",
+    "create_model": "models", "list_models": "models", "register_model": "models",
+    "fold_conv_bn": "reparam", "reparameterize": "reparam",
+    "VerifyResult": "verify", "randomize_batchnorm": "verify", "verify_equivalence": "verify",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:  # what IDEs and type checkers see (the names are re-exported through __all__)
+    from .blocks import ConvBN, QARepVGGBlock, RepVGGBlock, SEBlock  # noqa: F401
+    from .checkpoint import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint  # noqa: F401
+    from .convert import ConversionError, VerificationError, convert_file, convert_state_dict, load_model  # noqa: F401
+    from .graph_convert import convert_user_model  # noqa: F401
+    from .graph_fuser import FuseReport, graph_fuse  # noqa: F401
+    from .models import create_model, list_models, register_model  # noqa: F401
+    from .reparam import fold_conv_bn, reparameterize  # noqa: F401
+    from .verify import VerifyResult, randomize_batchnorm, verify_equivalence  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'repvgg_tools' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from repvgg_tools.checkpoint import CheckpointError, check_output_path  # noqa: E402  (needs the path above)
 from repvgg_tools.cli.common import EXIT_USAGE, Parser, error  # noqa: E402
+from repvgg_tools.paths import CheckpointError, check_output_path  # noqa: E402  (needs the path above)
 
 EXIT_BUILD = 1
 
