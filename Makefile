@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(PY) tools/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # GPU proof in one command (no venv needed: a GPU machine may have torch and no package index; python3 is used
 # when .venv is absent). Writes gpu_report/report.{md,json,png}; see docs/benchmark.md.
