@@ -33,8 +33,8 @@ FAMILIES = ("repvgg", "qarepvgg")
 DATASETS = ("digits", "shapes")
 METHODS = ("minmax", "percentile", "entropy")
 REPORT_FILES = ("report.md", "report.json", "report.png")
-SMOKE = dict(epochs=1, qat_epochs=1, image_size=16, width=8, depths=[1, 1, 1, 1, 1], train_samples=256,
-             calib_samples=32, test_samples=64, batch_size=64)
+SMOKE = dict(epochs=1, qat_epochs=1, image_size=16, width=8, depths=[1, 1, 1, 1, 1], train_samples=128,
+             calib_samples=32, test_samples=64, batch_size=32)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=16, help="stage widths W, W, 2W, 4W, 8W")
     p.add_argument("--depths", type=int, nargs=5, default=[1, 2, 2, 2, 1], metavar="D",
                    help="blocks per stage (stage 0 must be 1)")
-    p.add_argument("--train-samples", type=int, default=3000, help="shapes: training images")
+    p.add_argument("--train-samples", type=int, default=8000, help="shapes: training images")
     p.add_argument("--calib-samples", type=int, default=256, help="calibration images (from the training split)")
     p.add_argument("--test-samples", type=int, default=1000, help="shapes: held-out images (digits: its val split)")
     p.add_argument("--batch-size", type=int, default=64)
