@@ -82,16 +82,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_outputs(out: Path, force: bool) -> None:
-    """Fail before any work when a report file exists (without --force) or the directory cannot be made."""
+    """Fail before any work when a report file exists (without --force) or the directory cannot be made; makes it.
+
+    Raises:
+        ValueError: (``CheckpointError`` included) with a one-line message.
+    """
     from repvgg_tools.checkpoint import check_output_path
 
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory")
-    if out.exists():
-        for name in REPORT_FILES:
+    for name in REPORT_FILES:
+        if (out / name).exists() or (out / name).is_symlink():
             check_output_path(out / name, force)
-    elif not out.parent.is_dir() and str(out.parent):
-        raise ValueError(f"{out}: directory {out.parent} does not exist")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{out}: cannot create the directory ({exc.strerror})") from None
+    for name in REPORT_FILES:
+        check_output_path(out / name, force)
 
 
 def load_data(name: str, args: argparse.Namespace) -> dict:
@@ -435,7 +443,6 @@ def main(argv: list[str] | None = None) -> int:
             print(msg, flush=True)
 
     start = time.perf_counter()
-    out.mkdir(parents=False, exist_ok=True)
     w = args.width
     report: dict = {"config": {
         "command": " ".join(["python", "tools/int8_study.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -459,8 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         report["notes"] = [note]
     text = markdown(report) + (f"\nNote: {note}\n" if note else "")
-    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(_finite(report), indent=1, allow_nan=False)),
-                 force=args.force)
+    body = json.dumps(_finite(report), indent=1, allow_nan=False)
+    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(body), force=args.force)
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text), force=args.force)
     log(text)
     log(f"wrote {out}/report.md, report.json{'' if note else ', report.png'} in {report['wall_seconds']:.0f} s")
