@@ -224,9 +224,11 @@ def qdq_thresholds(proto_int8) -> dict[str, float]:
             for n in proto_int8.graph.node if n.op_type == "QuantizeLinear" and n.input[1] in inits}
 
 
-def per_layer(deploy, proto, test_images, thresholds: dict[str, dict[str, float]]) -> list[dict]:
+def per_layer(deploy, proto, test_images, thresholds: dict[str, dict[str, float]], identity: set[str]
+              ) -> list[dict]:
     """Weight and activation statistics of every quantized layer of a fused model: activations on held-out
-    images, quantized at the thresholds each PTQ export calibrated (``{method: {tensor: threshold}}``)."""
+    images, quantized at the thresholds each PTQ export calibrated (``{method: {tensor: threshold}}``). Layers
+    named in ``identity`` fused an identity branch."""
     from repvgg_tools.quant_study import activation_statistics, weight_statistics
 
     layers = layer_map(proto)
@@ -235,7 +237,7 @@ def per_layer(deploy, proto, test_images, thresholds: dict[str, dict[str, float]
     for name, tensor in layers.items():
         weight = deploy.get_submodule(name).weight.detach().double().numpy()
         ts = {m: t[tensor] for m, t in thresholds.items()}
-        rows.append({"layer": name, "weight": weight_statistics(weight),
+        rows.append({"layer": name, "identity": name in identity, "weight": weight_statistics(weight),
                      "activation": activation_statistics(acts[name], ts)})
     return rows
 
@@ -253,6 +255,7 @@ def study_family(family: str, data: dict, args: argparse.Namespace, log) -> dict
     t0 = time.perf_counter()
     model = build_model(family, args, data["classes"])
     losses = fit(model, data["train"], recipe(args, args.epochs, args.lr), family, args.quiet)
+    identity = {f"{n}.reparam" for n, m in model.named_modules() if getattr(m, "branch_identity", None) is not None}
     deploy = reparameterize(model.eval()).eval()
     proto = export_onnx(deploy, args.image_size)
     calib = CalibrationSource.from_arrays(data["name"], data["calib"][0], data["test"][0], data["test"][1],
@@ -272,7 +275,7 @@ def study_family(family: str, data: dict, args: argparse.Namespace, log) -> dict
                                       "cosine": report.metrics["cosine_mean"],
                                       "rel_error": report.metrics["rel_error"], "passed_floors": report.passed}
         log(f"  {family} PTQ {method}: top-1 {report.accuracy['int8']:.4f} (fp32 {report.accuracy['fp32']:.4f})")
-    result["layers"] = per_layer(deploy, proto, data["test"][0], thresholds)
+    result["layers"] = per_layer(deploy, proto, data["test"][0], thresholds, identity)
     result["seconds"]["ptq_and_statistics"] = time.perf_counter() - t1
     if args.qat_epochs > 0:
         t2 = time.perf_counter()
@@ -300,22 +303,29 @@ def _f(v: float, digits: int = 1) -> str:
 
 
 def summary(fam: dict) -> dict:
-    """Per-family aggregates of the per-layer statistics (worst and mean over layers)."""
-    layers = fam["layers"]
-
-    def vals(kind: str, key: str) -> list[float]:
-        return [r[kind][key] for r in layers if key in r[kind]]
-
+    """Per-family aggregates of the per-layer statistics over all layers, and separately over the layers that fused
+    an identity branch (``id_*``) and those that did not (``noid_*``)."""
     out = {}
-    for key in ("sqnr_per_channel", "sqnr_per_tensor"):
-        v = [x for x in vals("weight", key) if math.isfinite(x)]
-        out[f"weight_{key}_mean"], out[f"weight_{key}_min"] = sum(v) / len(v), min(v)
-    for key in ("range_spread", "std_spread", "max_over_std"):
-        out[f"weight_{key}_max"] = max(vals("weight", key))
-    out["act_outlier_ratio_max"] = max(vals("activation", "outlier_ratio"))
-    for key in [k for k in layers[0]["activation"] if k.startswith("sqnr_")]:
-        v = [x for x in vals("activation", key) if math.isfinite(x)]
-        out[f"act_{key}_mean"] = sum(v) / len(v)
+    groups = {"": fam["layers"], "id_": [r for r in fam["layers"] if r["identity"]],
+              "noid_": [r for r in fam["layers"] if not r["identity"]]}
+    for prefix, layers in groups.items():
+        if not layers:
+            continue
+
+        def vals(kind: str, key: str, layers=layers) -> list[float]:
+            return [r[kind][key] for r in layers if key in r[kind]]
+
+        for key in ("sqnr_per_channel", "sqnr_per_tensor"):
+            v = [x for x in vals("weight", key) if math.isfinite(x)]
+            out[f"{prefix}weight_{key}_mean"], out[f"{prefix}weight_{key}_min"] = sum(v) / len(v), min(v)
+        for key in ("range_spread", "std_spread", "max_over_std"):
+            out[f"{prefix}weight_{key}_max"] = max(vals("weight", key))
+            out[f"{prefix}weight_{key}_mean"] = sum(vals("weight", key)) / len(layers)
+        out[f"{prefix}act_outlier_ratio_max"] = max(vals("activation", "outlier_ratio"))
+        out[f"{prefix}act_outlier_ratio_mean"] = sum(vals("activation", "outlier_ratio")) / len(layers)
+        for key in [k for k in layers[0]["activation"] if k.startswith("sqnr_")]:
+            v = [x for x in vals("activation", key) if math.isfinite(x)]
+            out[f"{prefix}act_{key}_mean"] = sum(v) / len(v)
     return out
 
 
@@ -340,26 +350,34 @@ def markdown(report: dict) -> str:
                   "|---|---:|" + "---:|" * len(cols)]
         for fam, r in section["families"].items():
             lines.append(f"| {fam} | {r['params']} | " + " | ".join(f"{r['accuracy'][c]:.2%}" for c in cols) + " |")
-        lines += ["", "Statistics over the fused layers (worst / mean):", "",
-                  "| family | weight SQNR per-channel mean (min) dB | per-tensor mean (min) dB | max range spread | "
-                  "max std spread | max max/std | max act outlier ratio | "
-                  + " | ".join(f"act SQNR {m} mean dB" for m in methods) + " |",
-                  "|---|" + "---:|" * (6 + len(methods))]
+        lines += ["", "Statistics over the fused layers: all layers, the layers that fused an identity branch (id), "
+                  "the others (no id); mean, and worst in brackets:", "",
+                  "| family | layers | W SQNR per-channel dB | W SQNR per-tensor dB | range spread | std spread | "
+                  "max/std | act max/p99.9 | " + " | ".join(f"act SQNR {m} dB" for m in methods) + " |",
+                  "|---|---|" + "---:|" * (6 + len(methods))]
         for fam, r in section["families"].items():
             s = r["summary"]
-            lines.append(
-                f"| {fam} | {_f(s['weight_sqnr_per_channel_mean'])} ({_f(s['weight_sqnr_per_channel_min'])}) | "
-                f"{_f(s['weight_sqnr_per_tensor_mean'])} ({_f(s['weight_sqnr_per_tensor_min'])}) | "
-                f"{_f(s['weight_range_spread_max'])} | {_f(s['weight_std_spread_max'])} | "
-                f"{_f(s['weight_max_over_std_max'])} | {_f(s['act_outlier_ratio_max'], 2)} | "
-                + " | ".join(_f(s[f"act_sqnr_{m}_mean"]) for m in methods) + " |")
+            for prefix, label in (("", "all"), ("id_", "id"), ("noid_", "no id")):
+                if f"{prefix}weight_sqnr_per_channel_mean" not in s:
+                    continue
+                g = {k.removeprefix(prefix): v for k, v in s.items() if k.startswith(prefix)}
+                lines.append(
+                    f"| {fam} | {label} | {_f(g['weight_sqnr_per_channel_mean'])} "
+                    f"({_f(g['weight_sqnr_per_channel_min'])}) | {_f(g['weight_sqnr_per_tensor_mean'])} "
+                    f"({_f(g['weight_sqnr_per_tensor_min'])}) | {_f(g['weight_range_spread_mean'])} "
+                    f"({_f(g['weight_range_spread_max'])}) | {_f(g['weight_std_spread_mean'])} "
+                    f"({_f(g['weight_std_spread_max'])}) | {_f(g['weight_max_over_std_mean'])} "
+                    f"({_f(g['weight_max_over_std_max'])}) | {_f(g['act_outlier_ratio_mean'], 2)} "
+                    f"({_f(g['act_outlier_ratio_max'], 2)}) | "
+                    + " | ".join(_f(g[f"act_sqnr_{m}_mean"]) for m in methods) + " |")
         for fam, r in section["families"].items():
             lines += ["", f"Per layer, {fam} on {ds}:", "",
                       "| layer | W SQNR ch | W SQNR tensor | range spread | std spread | max/std | act max/p99.9 | "
                       + " | ".join(f"act SQNR {m}" for m in methods) + " |", "|---|" + "---:|" * (6 + len(methods))]
             for row in r["layers"]:
                 w, a = row["weight"], row["activation"]
-                lines.append(f"| {row['layer']} | {_f(w['sqnr_per_channel'])} | {_f(w['sqnr_per_tensor'])} | "
+                tag = " (id)" if row["identity"] else ""
+                lines.append(f"| {row['layer']}{tag} | {_f(w['sqnr_per_channel'])} | {_f(w['sqnr_per_tensor'])} | "
                              f"{_f(w['range_spread'])} | {_f(w['std_spread'])} | {_f(w['max_over_std'])} | "
                              f"{_f(a['outlier_ratio'], 2)} | "
                              + " | ".join(_f(a[f"sqnr_{m}"]) for m in methods) + " |")
