@@ -92,13 +92,19 @@ def test_study_smoke(tmp_path):
             acc = r["accuracy"]
             assert set(acc) >= {"fp32", "qat_int8", *(f"ptq_{m}" for m in methods)}
             assert all(0.0 <= v <= 1.0 for v in acc.values()), acc
-            assert len(r["layers"]) == 6  # stem, 4 stage blocks at depths 1, the classifier
+            # stem, stage blocks at depths 1 2 1 1 1 (stages.0.1 keeps its width and stride: identity), classifier
+            assert [(row["layer"], row["identity"]) for row in r["layers"]] == [
+                ("stem.reparam", False), ("stages.0.0.reparam", False), ("stages.0.1.reparam", True),
+                ("stages.1.0.reparam", False), ("stages.2.0.reparam", False), ("stages.3.0.reparam", False),
+                ("head.fc", False)]
+            assert {"id_weight_sqnr_per_channel_mean", "noid_weight_max_over_std_max"} <= set(r["summary"])
             for row in r["layers"]:
                 assert {"sqnr_per_channel", "sqnr_per_tensor", "range_spread"} <= set(row["weight"])
                 assert {"outlier_ratio", *(f"sqnr_{m}" for m in methods)} <= set(row["activation"])
                 assert row["weight"]["sqnr_per_channel"] > 20  # 8-bit weights: ~40 dB
             assert f"Per layer, {fam} on {ds}:" in md
             assert f"| {fam} | {r['params']} | " in md
+            assert f"| {fam} | id | " in md and "| stages.0.1.reparam (id) |" in md
     assert "ptq minmax | ptq percentile | ptq entropy | qat int8" in md
     # never overwrite without --force: one error line, exit 2, the report untouched
     before = (out / "report.json").read_bytes()

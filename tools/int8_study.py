@@ -33,8 +33,8 @@ FAMILIES = ("repvgg", "qarepvgg")
 DATASETS = ("digits", "shapes")
 METHODS = ("minmax", "percentile", "entropy")
 REPORT_FILES = ("report.md", "report.json", "report.png")
-SMOKE = dict(epochs=1, qat_epochs=1, image_size=16, width=8, depths=[1, 1, 1, 1, 1], train_samples=128,
-             calib_samples=32, test_samples=64, batch_size=32)
+SMOKE = dict(epochs=1, qat_epochs=1, image_size=8, width=4, depths=[1, 2, 1, 1, 1], train_samples=128,
+             calib_samples=16, test_samples=64, batch_size=32)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -421,7 +421,11 @@ def plot(report: dict, path: Path, force: bool) -> str | None:
             for m, style in zip(methods, ("o-", "s--", "^:"), strict=False):
                 row[2].plot(n, [x["activation"][f"sqnr_{m}"] for x in r["layers"]], style, color=colours[fam],
                             label=f"{fam} {m}")
-        row[1].set_title(f"{ds}: fused weight SQNR (dB) per layer")
+        for i, layer in enumerate(next(iter(fams.values()))["layers"]):
+            if layer["identity"]:
+                for ax in row[1:]:
+                    ax.axvspan(i - 0.4, i + 0.4, color="0.9", zorder=0)
+        row[1].set_title(f"{ds}: fused weight SQNR (dB) per layer (grey: identity fused)")
         row[2].set_title(f"{ds}: activation SQNR (dB) per layer input")
         for ax in row[1:]:
             ax.set_xlabel("layer (graph order)")
@@ -457,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     from repvgg_tools.checkpoint import atomic_write
     from repvgg_tools.quant_study import SHAPES, TEXTURES
 
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    torch.set_num_threads(1 if args.smoke else max(1, min(torch.get_num_threads(), 2)))  # smoke: tiny ops
 
     def log(msg: str) -> None:
         if not args.quiet:
