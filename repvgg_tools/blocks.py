@@ -177,14 +177,7 @@ class QARepVGGBlock(_BranchBlock):
     one BatchNorm (``post_bn``) follows the sum; the reference implementation's default block (``QARepVGGBlockV2``).
     The identity exists when ``in_ch == out_ch`` and ``stride == 1``. SE, when enabled, sits after ``post_bn`` so the
     block still fuses exactly (the reference puts it before the post-sum BN, which no single conv can express).
-    Same interface, deploy attribute (``reparam``) and idempotent :meth:`reparameterize` as :class:`RepVGGBlock`.
-
-    Args:
-        in_ch, out_ch: channels.
-        stride, dilation, groups: of the 3x3 convolution; every branch shares them.
-        use_1x1, use_identity: keep the 1x1 and identity branches.
-        se_ratio: SE reduction (``out_ch * se_ratio`` hidden channels); 0 disables SE.
-        deploy: build the single-conv deploy form directly.
+    Same arguments, deploy attribute (``reparam``) and idempotent :meth:`reparameterize` as :class:`RepVGGBlock`.
     """
 
     def _side_branches(self, use_1x1: bool, has_identity: bool) -> None:
