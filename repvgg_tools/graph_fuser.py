@@ -64,7 +64,7 @@ class FuseReport:
         return "\n".join(lines)
 
 
-class _Tracer(fx.Tracer):
+class FusionTracer(fx.Tracer):
     """Keeps convs, BatchNorms (timm's BatchNormAct2d included), linears and pools as leaves."""
 
     def __init__(self, leaves: tuple = ()) -> None:
@@ -73,6 +73,30 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
+
+    def trace(self, root, concrete_args=None):
+        self._tensor_names: dict[int, str] | None = None
+        return super().trace(root, concrete_args)
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        """fx's own ``getattr`` searches all of the root's parameters at every access (quadratic: most of the
+        fuser's time on timm models); the same lookup through a name table built once per trace."""
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        if self._tensor_names is None:
+            names: dict[int, str] = {}
+            for name, p in self.root.named_parameters():
+                names.setdefault(id(p), name)
+            if self.proxy_buffer_attributes:
+                for name, b in self.root.named_buffers():
+                    names.setdefault(id(b), name)
+            self._tensor_names = names
+        name = self._tensor_names.get(id(attr_val))
+        if name is None or not (isinstance(attr_val, nn.Parameter) or self.proxy_buffer_attributes):
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
 
 @dataclass
@@ -140,7 +164,7 @@ def graph_fuse(
     try:
         top_graph = None
         try:  # nothing to fuse (a deployed network): skip the forward passes
-            top_graph = _Tracer(tuple(leaf_modules)).trace(model)
+            top_graph = FusionTracer(tuple(leaf_modules)).trace(model)
             nothing = not graph_plan.may_fuse(top_graph, model)
         except Exception:  # noqa: BLE001 - untraceable at the top: the children are tried below
             nothing = False
@@ -229,7 +253,7 @@ class _ShapeProp(ShapeProp):
 
 
 def _trace(module: nn.Module, args: tuple, kwargs: dict, leaves: tuple, graph: fx.Graph | None = None) -> _Traced:
-    graph = graph if graph is not None else _Tracer(leaves).trace(module)
+    graph = graph if graph is not None else FusionTracer(leaves).trace(module)
     if kwargs:
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
         bound.apply_defaults()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .blocks import conv_bn_kernel_bias
-from .graph_fuser import FuseReport, graph_fuse
+from .graph_fuser import FuseReport, FusionTracer, graph_fuse
 
 __all__ = ["reparameterize", "fold_conv_bn", "call_deploy_methods", "METHOD_NAMES"]
 
@@ -173,7 +173,7 @@ def fold_conv_bn(model: nn.Module) -> int:
 def _fold_traced(model: nn.Module) -> int:
     """Fold the Conv2d->BatchNorm2d pairs that are not neighbours in a Sequential, found by tracing with torch.fx."""
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = FusionTracer().trace(model)  # convs and BatchNorms as leaves, parameters looked up once
     except Exception as exc:  # models with data-dependent control flow do not trace
         log.warning("could not trace %s (%s): BatchNorms outside nn.Sequential stay unfolded",
                     type(model).__name__, exc)

@@ -335,14 +335,14 @@ def test_in_place_op_on_a_shared_tensor_is_not_treated_as_pure():
 def test_structural_prescan():
     """A deployed network (SE gates included) needs no forward pass; a training block does."""
     from repvgg_tools import create_model
-    from repvgg_tools.graph_fuser import _Tracer
+    from repvgg_tools.graph_fuser import FusionTracer
     from repvgg_tools.graph_plan import may_fuse
 
     deployed = create_model("repvgg_a0", num_classes=10, deploy=True).eval()
     se = zoo.RepVGG(4, 4)
     se.act = nn.Identity()  # conv sums feeding straight into the next op: fusable
     for model, expected in ((deployed, False), (zoo.RepMixer(4), True), (se, True), (InPlaceAlias(), True)):
-        assert may_fuse(_Tracer().trace(model), model) is expected, type(model).__name__
+        assert may_fuse(FusionTracer().trace(model), model) is expected, type(model).__name__
 
     class Gated(nn.Module):
         def __init__(self) -> None:
@@ -353,7 +353,7 @@ def test_structural_prescan():
             return self.conv(x) * torch.sigmoid(self.conv(x))  # a product of two computed tensors
 
     gated = Gated()
-    assert may_fuse(_Tracer().trace(gated), gated) is False
+    assert may_fuse(FusionTracer().trace(gated), gated) is False
 
 
 class BNAct(nn.BatchNorm2d):
