@@ -24,13 +24,7 @@ timm = pytest.importorskip("timm")
 FAMILIES = ["mobileone_s0", "repvgg_a0", "fastvit_t8", "repghostnet_050", "repvit_m0_9", "ghostnetv3_050"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _conv_bn(model: nn.Module) -> int:

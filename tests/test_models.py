@@ -90,7 +90,7 @@ def test_training_vs_deploy_fp32(name):
         assert torch.equal(built.eval()(x), out)
 
 
-@pytest.mark.parametrize("name", ["repvgg_a0", "repvgg_b1g4", "repvgg_d2se", "vgg16_bn"])
+@pytest.mark.parametrize("name", ["repvgg_a0", "repvgg_b1g4", "repvgg_d2se", "vgg16_bn", "qarepvgg_a0"])
 def test_training_vs_deploy_fp64(name):
     torch.manual_seed(0)
     model = randomize_batchnorm(create_model(name, num_classes=10).double(), seed=2).eval()

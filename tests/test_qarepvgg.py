@@ -232,17 +232,6 @@ def test_qa_model_fp32_equivalence_and_architecture(name):
         assert torch.equal(built.eval()(x), out)
 
 
-@pytest.mark.parametrize("name", ["qarepvgg_a0"])  # float64 on every block shape: the property test above
-def test_qa_model_fp64_equivalence(name):
-    torch.manual_seed(0)
-    model = randomize_batchnorm(create_model(name, num_classes=10).double(), seed=2).eval()
-    x = torch.randn(*INPUT, dtype=torch.float64)
-    with torch.no_grad():
-        ref = model(x)
-        out = reparameterize(model, inplace=True)(x)
-    assert out.dtype == torch.float64 and compare_outputs(out, ref)[1] <= TOL[torch.float64]
-
-
 @pytest.mark.parametrize("use_1x1", [True, False])
 def test_conv_bn_folding_alone_leaves_the_post_sum_bn(use_1x1):
     """``fold_conv_bn`` on an un-fused QA model folds only real Conv2d->BN pairs (each 3x3 branch), never the
