@@ -68,12 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..checkpoint import CheckpointError, check_output_path
     from ..convert import ConversionError, VerificationError, convert_file
 
-    if args.model is not None:
-        return _convert_user_model(args)
-    if args.export_onnx or args.input_shape:
+    if args.model is None and (args.export_onnx or args.input_shape):
         error("--export-onnx and --input-shape need --model")
         return EXIT_USAGE
     try:
+        if args.model is not None:
+            return _convert_user_model(args)
         if args.json not in (None, "-"):
             check_output_path(args.json, args.force, (args.input, args.output))
         report = convert_file(
@@ -111,9 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _convert_user_model(args: argparse.Namespace) -> int:
-    """``--model``: the user's network through the graph fuser (``graph_convert.convert_user_model``)."""
-    from ..checkpoint import CheckpointError, check_output_path
-    from ..convert import ConversionError
+    """``--model``: the user's network through the graph fuser (``graph_convert.convert_user_model``); input errors
+    propagate to :func:`main`, which reports them like every other input error."""
+    from ..checkpoint import check_output_path
     from ..graph_convert import FusionVerificationError, convert_user_model
 
     unsupported = [flag for flag, given in (("--arch", args.arch), ("--layout", args.layout),
@@ -131,11 +131,6 @@ def _convert_user_model(args: argparse.Namespace) -> int:
     except FusionVerificationError as exc:
         error(f"{one_line(exc)}; nothing written")
         return EXIT_VERIFY
-    except (CheckpointError, ConversionError, ValueError, OSError) as exc:
-        if args.traceback:
-            raise
-        error(exc)
-        return EXIT_USAGE
     if not args.quiet:
         v = report.get("verify")
         print(f"fused:       {report['fused']} sub-graphs, {len(report['unfused'])} left as they are")
