@@ -3,25 +3,27 @@
 :func:`graph_fuse` traces a model with ``torch.fx``, finds every maximal affine sub-graph (convs, BatchNorms,
 linears, average pools, constant pads, sums, differences, layer scales and concatenations that share one input and
 end in one output; see :mod:`repvgg_tools.graph_match`), computes the single convolution each equals in float64,
-checks it on random inputs against the original operations in float64, and only then swaps it in. The smallest
-module whose ``forward`` contains a sub-graph is replaced by its rewritten ``torch.fx.GraphModule``, so the model
-keeps its class and its other modules. A :class:`FuseReport` lists what was fused, what was not and why.
-Untraceable modules are skipped with a warning (their children are tried one by one), never guessed.
+checks it on random inputs against the original operations in float64, and only then swaps it in. The model is
+traced once; the smallest module whose ``forward`` contains a sub-graph is replaced by a ``torch.fx.GraphModule``
+of its forward, cut out of that trace and rewritten, so the model keeps its class and its other modules. A
+:class:`FuseReport` lists what was fused, what was not and why. Untraceable modules are skipped with a warning
+(their children are tried one by one), never guessed.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from . import graph_match, graph_plan
-from .graph_check import build_module, check_replacement
+from .graph_check import build_module, check_replacement, float64_modules
 from .graph_maps import AffineMap
 
 __all__ = ["FuseReport", "FusedItem", "graph_fuse", "example_inputs_for", "VERIFY_RTOL"]
@@ -70,13 +72,36 @@ class FusionTracer(fx.Tracer):
     def __init__(self, leaves: tuple = ()) -> None:
         super().__init__()
         self.leaves = _LEAVES + tuple(leaves)
+        self.proxy_buffer_attributes = True  # a buffer read in a forward is a get_attr by its name, not a constant
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
 
     def trace(self, root, concrete_args=None):
+        """Trace ``root`` without changing it: the constants fx would store on it (tensors a forward creates) go to
+        ``self.constants`` instead."""
         self._tensor_names: dict[int, str] | None = None
-        return super().trace(root, concrete_args)
+        self.calls: dict[str, _Call | None] = {}
+        self.constants: dict[str, object] = {}
+        before = set(vars(root)) if isinstance(root, nn.Module) else None
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            if before is not None:
+                for name in [n for n in vars(root) if n not in before]:
+                    self.constants[name] = vars(root).pop(name)
+
+    def call_module(self, m: nn.Module, forward, args: tuple, kwargs: dict):
+        """Also record each call of a non-leaf module (arguments, result, the nodes it created), so that a module's
+        own forward can later be cut out of its ancestor's graph instead of tracing it again."""
+        path = self.path_of_module(m)
+        if self.is_leaf_module(m, path):
+            return super().call_module(m, forward, args, kwargs)
+        start = len(self.graph.nodes)
+        out = super().call_module(m, forward, args, kwargs)
+        # a module called twice has no single region: None (it is then rewritten as part of its parent)
+        self.calls[path] = None if path in self.calls else _Call(args, kwargs, out, start, len(self.graph.nodes))
+        return out
 
     def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
         """fx's own ``getattr`` searches all of the root's parameters at every access (quadratic: most of the
@@ -100,14 +125,29 @@ class FusionTracer(fx.Tracer):
 
 
 @dataclass
+class _Call:
+    """One call of a non-leaf module in a trace: its arguments and result (proxies or constants) and the range
+    ``[start, end)`` of the graph's nodes it created."""
+
+    args: tuple
+    kwargs: dict
+    out: object
+    start: int
+    end: int
+
+
+@dataclass
 class _Context:
-    inputs: dict
+    model: nn.Module
+    candidates: list  # example inputs to try, in order
     report: FuseReport
     leaves: tuple
     rtol: float
     whole_model: bool = False
-    top_graph: fx.Graph | None = None  # the model's graph, traced once already
+    top_mode: bool = False  # the model's training flag, which the modules the fuser creates take
+    inputs: dict | None = None  # each module's first call arguments, captured once the top cannot be traced
     noted: list = field(default_factory=list)  # paths whose unfused sub-graphs are in the report
+    replacements: list = field(default_factory=list)  # (path, build(fetch) -> module) for :func:`_assemble`
     seed: int = 0
 
 
@@ -142,46 +182,59 @@ def graph_fuse(
             it keeps get their training flags back).
         example_inputs: positional inputs of one forward call; default: a ``(1, C, 64, 64)`` random image sized
             from the first Conv2d. Only shapes matter; the checks use fresh random inputs.
-        inplace: modify ``model`` instead of a deep copy (replaced sub-modules are swapped in place; a model
-            whose own ``forward`` holds a sub-graph is returned as a new GraphModule either way).
+        inplace: modify ``model`` instead of returning a copy (replaced sub-modules are swapped in place; a model
+            whose own ``forward`` holds a sub-graph is returned as a new GraphModule either way). Without it,
+            ``model`` is read but never changed, and only what the fused model keeps is copied.
         leaf_modules: extra module classes the tracer must not enter (e.g. ones with data-dependent control flow).
         rtol: float64 tolerance of each replacement's check.
-        whole_model: rewrite the traced model itself as one GraphModule (faster: one trace instead of one per
-            fused module, but the model's class and methods give way to the GraphModule's ``forward``).
+        whole_model: rewrite the traced model itself as one GraphModule (a little faster: one GraphModule instead
+            of one per rewritten module, but the model's class and methods give way to the GraphModule's
+            ``forward``).
 
     Returns:
         ``(fused model, report)``.
     """
-    if not inplace:
-        model = copy.deepcopy(model)
     report = FuseReport()
-    params = list(model.parameters()) + list(model.buffers())
-    if any(p.is_meta for p in params):
-        report.skipped.append(("<model>", "meta tensors hold no values to fuse or check"))
-        return model, report
     modes, top_mode = {m: m.training for m in model.modules()}, model.training
-    model.eval()
+    if any(t is not None and t.is_meta for m in modes for t in (*m._parameters.values(), *m._buffers.values())):
+        report.skipped.append(("<model>", "meta tensors hold no values to fuse or check"))
+        return (model if inplace else copy.deepcopy(model)), report
+    # the model is read where it is (eval mode, float64 tensors swapped in for the checks; the same objects and
+    # flags are put back), and only what the fused model keeps is copied: the branches it drops never are
+    for m in modes:
+        m.training = False
     try:
-        top_graph = None
-        try:  # nothing to fuse (a deployed network): skip the forward passes
-            top_graph = FusionTracer(tuple(leaf_modules)).trace(model)
-            nothing = not graph_plan.may_fuse(top_graph, model)
-        except Exception:  # noqa: BLE001 - untraceable at the top: the children are tried below
-            nothing = False
-        inputs = None if nothing else _capture_inputs(model, example_inputs)
-        if nothing:
-            pass
-        elif inputs is None:
-            report.skipped.append(("<model>", "no example input: pass example_inputs"))
+        if example_inputs is None:
+            candidates = example_inputs_for(model)
         else:
-            ctx = _Context(inputs, report, tuple(leaf_modules), rtol, whole_model, top_graph)
-            model = _fuse_module(model, "", ctx)
+            candidates = [example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)]
+        ctx = _Context(model, candidates, report, tuple(leaf_modules), rtol, whole_model, top_mode)
+        _fuse_module(model, "", ctx)
     finally:
-        for m in model.modules():  # kept modules get their flags back; new ones take the model's
-            m.training = modes.get(m, top_mode)
-    _warn_left_in_untraced(model, report)
+        for m, mode in modes.items():
+            m.training = mode
+    fused = _assemble(model, ctx.replacements, inplace)
+    _warn_left_in_untraced(fused, report)
     log.info("graph fuser: %s", report)
-    return model, report
+    return fused, report
+
+
+def _assemble(model: nn.Module, replacements: list, inplace: bool) -> nn.Module:
+    """Build each rewritten module and put it in place: into ``model`` itself, or into a deep copy of it made
+    with the rewritten modules already in the copy's memo (so the modules they drop are never copied)."""
+    memo: dict = {}
+    fetch = (lambda obj: obj) if inplace else (lambda obj: copy.deepcopy(obj, memo))
+    result = model
+    for path, build in replacements:
+        new = build(fetch)
+        if not path:
+            result = new
+        elif inplace:
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent), name, new)
+        else:
+            memo[id(model.get_submodule(path))] = new
+    return result if inplace or result is not model else copy.deepcopy(model, memo)
 
 
 def _warn_left_in_untraced(model: nn.Module, report: FuseReport) -> None:
@@ -200,12 +253,8 @@ def _warn_left_in_untraced(model: nn.Module, report: FuseReport) -> None:
                     "; ".join(left))
 
 
-def _capture_inputs(model: nn.Module, example_inputs: tuple | None) -> dict | None:
-    """Run one forward and keep each module's first call arguments (for tracing shapes of sub-modules)."""
-    if example_inputs is None:
-        candidates = example_inputs_for(model)
-    else:
-        candidates = [example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)]
+def _capture_inputs(model: nn.Module, candidates: list[tuple]) -> dict | None:
+    """Run one forward and keep each module's first call arguments (for the shapes of sub-modules traced alone)."""
     seen: dict = {}
 
     def hook(module, args, kwargs):
@@ -220,84 +269,313 @@ def _capture_inputs(model: nn.Module, example_inputs: tuple | None) -> dict | No
                 model(*inputs)
             return seen
         except Exception as exc:  # noqa: BLE001 - a model that needs other inputs: try the next, then say so
-            errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            errors.append(_first_line(exc))
         finally:
             for h in handles:
                 h.remove()
+    _warn_no_input(errors)
+    return None
+
+
+def _warn_no_input(errors: list[str]) -> None:
     log.warning("graph fuser: the model did not run on an example input (%s); pass example_inputs",
                 "; ".join(errors) or "no Conv2d or Linear to size one from")
-    return None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-class _Traced:
-    """A traced graph over its root module (no GraphModule is compiled until a rewrite needs one)."""
+def _within(path: str, ancestor: str) -> bool:
+    return not ancestor or path == ancestor or path.startswith(ancestor + ".")
 
-    def __init__(self, root: nn.Module, graph: fx.Graph) -> None:
-        self.root, self.graph = root, graph
+
+class _Traced:
+    """A traced, shape-propagated graph over its root module (no GraphModule is compiled until a rewrite needs
+    one), with the module calls the tracer recorded."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, calls: dict, constants: dict | None = None) -> None:
+        self.root, self.graph, self.calls, self.constants = root, graph, calls, constants or {}
+        self.node_list = list(graph.nodes)
 
     def __getattr__(self, name: str):
+        if name in self.__dict__.get("constants", {}):
+            return self.constants[name]
         return getattr(self.root, name)
 
 
-class _ShapeProp(ShapeProp):
-    """ShapeProp over a root module and a graph (skips compiling a GraphModule just to propagate shapes)."""
+class TensorMeta(NamedTuple):
+    """What the fuser reads of a node's value: its shape and dtype (``node.meta["tensor_meta"]``)."""
 
-    def __init__(self, root: nn.Module, graph: fx.Graph) -> None:
-        fx.Interpreter.__init__(self, root, graph=graph)
-        self.fake_module = self.fake_mode = None
-        self.real_module = root
+    shape: torch.Size
+    dtype: torch.dtype
 
 
-def _trace(module: nn.Module, args: tuple, kwargs: dict, leaves: tuple, graph: fx.Graph | None = None) -> _Traced:
-    graph = graph if graph is not None else FusionTracer(leaves).trace(module)
+def _run_for_shapes(root: nn.Module, graph: fx.Graph, args: tuple, modules: dict, constants: dict | None = None
+                    ) -> None:
+    """Run ``graph`` over ``root`` once and record each tensor value's shape and dtype (plain convs give zeros of
+    their output's shape instead of computing it). torch's ShapeProp also records strides, memory format and
+    quantization, which the fuser does not read, needs a compiled GraphModule, and its interpreter costs a third
+    more than this loop. Each value is dropped after its last use."""
+    nodes = list(graph.nodes)
+    last_use: dict[fx.Node, list] = {}
+    seen: set = set()
+    for node in reversed(nodes):
+        for used in node.all_input_nodes:
+            if used not in seen:
+                seen.add(used)
+                last_use.setdefault(node, []).append(used)
+    env: dict = {}
+    positional = iter(args)
+    for node in nodes:
+        op = node.op
+        if op == "output":
+            return
+        if op == "placeholder":
+            value = next(positional, node.args[0] if node.args else None)
+        else:
+            args_, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+            if op == "call_module":
+                module = modules[node.target]
+                value = _conv_shape_only(module, args_, kwargs)
+                value = module(*args_, **kwargs) if value is None else value
+            elif op == "call_function":
+                value = node.target(*args_, **kwargs)
+            elif op == "call_method":
+                value = getattr(args_[0], node.target)(*args_[1:], **kwargs)
+            else:
+                value = constants[node.target] if constants and node.target in constants \
+                    else _attribute(root, node.target)
+        env[node] = value
+        if isinstance(value, torch.Tensor):
+            node.meta["tensor_meta"] = TensorMeta(value.shape, value.dtype)
+        for used in last_use.get(node, ()):
+            del env[used]
+
+
+def _conv_shape_only(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """Zeros of the shape and dtype a plain Conv2d would return, where it surely would (the input fits the
+    weight and nothing hooks the call); ``None`` where the conv must run. Only shapes are recorded, and the convs
+    are most of a forward pass's cost."""
+    if type(module).forward is not nn.Conv2d.forward or kwargs or len(args) != 1 or isinstance(module.padding, str) \
+            or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    x, w = args[0], module.weight
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != module.in_channels or x.dtype != w.dtype \
+            or x.device != w.device:
+        return None
+    size = [(x.shape[2 + i] + 2 * module.padding[i] - module.dilation[i] * (module.kernel_size[i] - 1) - 1)
+            // module.stride[i] + 1 for i in (0, 1)]
+    return x.new_zeros(x.shape[0], module.out_channels, *size) if min(size) > 0 else None
+
+
+def _propagate(module: nn.Module, graph: fx.Graph, args: tuple, kwargs: dict, modules: dict, constants: dict
+               ) -> None:
     if kwargs:
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
         bound.apply_defaults()
         args = tuple(bound.arguments.values())
-    _ShapeProp(module, graph).propagate(*args)
-    return _Traced(module, graph)
+    with torch.no_grad():
+        _run_for_shapes(module, graph, args, modules, constants)
 
 
-def _fuse_module(module: nn.Module, path: str, ctx: _Context) -> nn.Module:
-    captured = ctx.inputs.get(id(module))
-    if captured is None:
-        return module
+def _shapes(module: nn.Module, graph: fx.Graph, modules: dict, constants: dict, ctx: _Context) -> bool:
+    """Shape-propagate ``module``'s graph: with its captured inputs, or at the top with each example in turn."""
+    if ctx.inputs is not None:
+        captured = ctx.inputs.get(id(module))
+        if captured is None:  # not called by the model's forward
+            return False
+        _propagate(module, graph, *captured, modules, constants)
+        return True
+    errors = []
+    for inputs in ctx.candidates:
+        try:
+            _propagate(module, graph, inputs, {}, modules, constants)
+            return True
+        except Exception as exc:  # noqa: BLE001 - a model that needs other inputs: try the next, then say so
+            errors.append(_first_line(exc))
+    _warn_no_input(errors)
+    ctx.report.skipped.append(("<model>", "no example input: pass example_inputs"))
+    return False
+
+
+def _fuse_module(module: nn.Module, path: str, ctx: _Context) -> None:
+    """Trace ``module`` once and plan the rewrite of every sub-graph found in it (``ctx.replacements``); if it
+    cannot be traced, its children one by one."""
+    tracer = FusionTracer(ctx.leaves)
     try:
-        gm = _trace(module, *captured, ctx.leaves, None if path else ctx.top_graph)
+        graph = tracer.trace(module)
+        modules = dict(module.named_modules())
+        if not graph_plan.may_fuse(graph, module, modules):  # nothing to fuse (a deployed network): no forward pass
+            return
+        if not _shapes(module, graph, modules, tracer.constants, ctx):
+            return
     except Exception as exc:  # noqa: BLE001 - untraceable: skip it, try its children
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        reason = f"{type(exc).__name__}: {_first_line(exc)[:160] if str(exc) else ''}"
         ctx.report.skipped.append((path or type(module).__name__, reason))
         log.info("graph fuser: cannot trace %s (%s); trying its children", path or type(module).__name__, reason)
-        for name, child in list(module.named_children()):
-            new = _fuse_module(child, _join(path, name), ctx)
-            if new is not child:
-                setattr(module, name, new)
-        return module
-    found = graph_plan.plan(gm)
-    todo = {n: m for n, m in found.outputs.items() if _worth_fusing(found, m)}
-    if not any(p == "" or path == p or path.startswith(p + ".") for p in ctx.noted):  # once per traced region
+        if ctx.inputs is None:
+            ctx.inputs = _capture_inputs(ctx.model, ctx.candidates) or {}
+        for name, child in module.named_children():
+            _fuse_module(child, _join(path, name), ctx)
+        return
+    traced = _Traced(module, graph, tracer.calls, tracer.constants)
+    found = graph_plan.plan(traced, modules=modules)
+    if not any(_within(path, p) for p in ctx.noted):  # once per traced region
         _note_unfused(found, path, ctx)
         ctx.noted.append(path)
-    if not todo:
-        return module
-    lcas = {n: _lca(m) for n, m in todo.items()}
-    if any(lca == "" for lca in lcas.values()) or (ctx.whole_model and not path):
-        return _rewrite(gm, found, todo, path, ctx)
-    done: list[str] = []
-    for lca in sorted(set(lcas.values()), key=lambda p: p.count(".")):
-        if any(lca == d or lca.startswith(d + ".") for d in done):
+    todo = {n: m for n, m in found.outputs.items() if _worth_fusing(found, m)}
+    accepted = _accept(traced, found, todo, path, ctx) if todo else []
+    if accepted:
+        _place(module, traced, found, accepted, path, ctx)
+
+
+def _accept(traced: _Traced, found, todo: dict, path: str, ctx: _Context) -> list[tuple]:
+    """Build each sub-graph's module and check it against the original operations in float64; ``(node, map,
+    module, rel err)`` of those within tolerance (the others go to the report)."""
+    accepted = []
+    modules = [traced.root.get_submodule(n.target) for m in todo.values() for n in m.nodes if n.op == "call_module"]
+    with float64_modules(modules):
+        for node, m in todo.items():
+            module = build_module(m, node)
+            err = check_replacement(traced, found, node, m, ctx.seed)
+            rtol = max(ctx.rtol, 10 * torch.finfo(node.meta["tensor_meta"].dtype).eps)
+            if err <= rtol:
+                accepted.append((node, m, module, err))
+            else:
+                ctx.report.unfused.append((_join(path, node.name), f"replacement failed its float64 check (rel "
+                                           f"err {err:.1e} > {rtol:.0e}): left as it was"))
+    return accepted
+
+
+def _place(module: nn.Module, traced: _Traced, found, accepted: list, path: str, ctx: _Context) -> None:
+    """Plan where the accepted sub-graphs go: each smallest module holding some gets a rewritten forward (cut out
+    of this trace), so the model keeps its class; where that cannot be, the next module up; at the top (or with
+    ``whole_model``), ``module`` itself becomes the GraphModule."""
+    lca_of = {node: _lca(m) for node, m, _, _ in accepted}
+    lcas = set(lca_of.values())
+    while True:
+        outer = sorted(lca for lca in lcas if not any(o != lca and _within(lca, o) for o in lcas))
+        if "" in outer or (ctx.whole_model and not path):
+            ctx.replacements.append((path, functools.partial(
+                _rewrite, traced.root, traced.graph, None, found, accepted, path, ctx, traced.constants)))
+            return
+        regions = {}
+        for lca in outer:
+            region = _extract(traced, lca)
+            if region is None:
+                lcas = (lcas - {lca}) | {lca.rpartition(".")[0]}
+                break
+            regions[lca] = region
+        else:
+            for lca, (graph, local) in regions.items():
+                items = [a for a in accepted if _within(lca_of[a[0]], lca)]
+                ctx.replacements.append((_join(path, lca), functools.partial(
+                    _rewrite, module.get_submodule(lca), graph, local, found, items, _join(path, lca), ctx,
+                    traced.constants, prefix=lca)))
+            return
+
+
+class _Outside(Exception):
+    """A value the module's forward reads from outside its own arguments and attributes."""
+
+
+def _extract(traced: _Traced, lca: str) -> tuple[fx.Graph, dict] | None:
+    """Module ``lca``'s forward as a graph of its own, copied out of its ancestor's traced graph (no second trace),
+    with the map from the ancestor's nodes to the copies. ``None`` where the copy would not be that forward: a
+    module called more than once, arguments that are neither graph values nor the defaults, values read from
+    outside its arguments and attributes, or intermediate values read outside it."""
+    call = traced.calls.get(lca)
+    module = traced.root.get_submodule(lca)
+    if call is None:
+        return None
+    try:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind(*call.args, **call.kwargs)
+    except (TypeError, ValueError):
+        return None
+    graph, env = fx.Graph(), {}
+    for name, param in signature.parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            if bound.arguments.get(name):
+                return None
             continue
-        done.append(lca)
-        sub = module.get_submodule(lca)
-        new = _fuse_module(sub, _join(path, lca), ctx)
-        if new is not sub:
-            parent, _, name = lca.rpartition(".")
-            setattr(module.get_submodule(parent), name, new)
-    return module
+        placeholder = graph.placeholder(name, default_value=param.default)
+        value = bound.arguments.get(name, param.default)
+        if isinstance(value, fx.Proxy):
+            env.setdefault(value.node, placeholder)
+        elif not _same_constant(value, param.default):  # a constant the trace baked in: not this forward
+            return None
+    prefix, name_prefix = lca + ".", lca.replace(".", "_") + "_"
+
+    def local(n: fx.Node) -> fx.Node:
+        if n in env:
+            return env[n]
+        if n.op == "get_attr" and n.target.startswith(prefix):  # an attribute first read before this call
+            env[n] = graph.get_attr(n.target[len(prefix):])
+            return env[n]
+        raise _Outside(n.name)
+
+    region = traced.node_list[call.start:call.end]
+    try:
+        for node in region:
+            target = node.target
+            if node.op == "get_attr" and target in traced.constants:
+                pass  # a constant of the trace: the rewrite takes it under the same name
+            elif node.op in ("call_module", "get_attr"):
+                if not target.startswith(prefix):
+                    return None
+                target = target[len(prefix):]
+            elif node.op not in ("call_function", "call_method"):
+                return None
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), local)
+            name = node.name[len(name_prefix):] if node.name.startswith(name_prefix) else node.name
+            env[node] = graph.create_node(node.op, target, args, kwargs, name=name, type_expr=node.type)
+            env[node].meta = copy.copy(node.meta)
+        if not _plain_output(call.out):
+            return None
+        outputs = fx.node.map_aggregate(call.out, lambda a: local(a.node) if isinstance(a, fx.Proxy) else a)
+    except _Outside:
+        return None
+    inside = set(region)
+    returned = {env[a.node] for a in _proxies(call.out)}
+    for node in region:
+        if node.op != "get_attr" and env[node] not in returned and any(u not in inside for u in node.users):
+            return None  # an intermediate value the parent reads (an attribute side effect): not this forward
+    graph.output(outputs)
+    return graph, env
+
+
+def _same_constant(value, default) -> bool:
+    if value is default:
+        return True
+    if default is inspect.Parameter.empty or isinstance(value, torch.Tensor) or type(value) is not type(default):
+        return False
+    try:
+        return bool(value == default)
+    except Exception:  # noqa: BLE001 - not comparable: not the same
+        return False
+
+
+def _proxies(value) -> list:
+    found: list = []
+    fx.node.map_aggregate(value, lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
+    return found
+
+
+def _plain_output(value) -> bool:
+    """Proxies, plain constants and tuples, lists and dicts of them (what a graph's output can hold)."""
+    if isinstance(value, (fx.Proxy, int, float, bool, str, type(None))):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_plain_output(v) for v in value)
+    if isinstance(value, dict):
+        return all(_plain_output(v) for v in value.values())
+    return False
 
 
 def _value_nodes(found, m: AffineMap) -> list:
@@ -329,42 +607,60 @@ def _lca(m: AffineMap) -> str:
     return common[-1] if common else ""
 
 
-def _rewrite(traced: _Traced, found, todo: dict, path: str, ctx: _Context) -> fx.GraphModule:
-    """Check each sub-graph in float64, then swap in its conv; identity-only chains are bypassed."""
-    gm = traced
-    graph = traced.graph
-    accepted = []
-    for node, m in todo.items():
-        module = build_module(m, node)
-        err = check_replacement(gm, found, node, m, ctx.seed)
-        rtol = max(ctx.rtol, 10 * torch.finfo(node.meta["tensor_meta"].dtype).eps)
-        if err <= rtol:
-            accepted.append((node, m, module, err))
-        else:
-            ctx.report.unfused.append((_join(path, node.name), f"replacement failed its float64 check (rel err "
-                                       f"{err:.1e} > {rtol:.0e}): left as it was"))
-    gm = fx.GraphModule(traced.root, graph, type(traced.root).__name__)
+def _rewrite(root: nn.Module, graph: fx.Graph, local: dict | None, found, accepted: list, path: str,
+             ctx: _Context, constants: dict, fetch, prefix: str = "") -> fx.GraphModule:
+    """``root`` as a GraphModule of ``graph`` with each accepted sub-graph replaced by its module; ``local`` maps
+    the traced graph's nodes to ``graph``'s (``None``: the same graph), ``fetch`` gives what the GraphModule holds
+    of each module it keeps (the module itself, or its copy). Identity-only chains are bypassed. The graph is
+    rewritten first, so the GraphModule takes only what it still uses and compiles once."""
+    def at(n: fx.Node) -> fx.Node:
+        return n if local is None else local[n]
+
+    added: dict[str, nn.Module] = {}
+
+    def unique(name: str) -> str:
+        base, i = name, 1
+        while name in added or hasattr(root, name):
+            name, i = f"{base}_{i}", i + 1
+        return name
+
     replaced: dict = {}  # a root that is itself replaced is read from its replacement
     for node, m, module, err in accepted:
-        name = _unique(gm, f"fused_{node.name}")
-        gm.add_module(name, module)
-        with graph.inserting_before(node):
-            new = graph.call_module(name, (replaced.get(m.root, m.root),))
+        target = at(node)
+        name = unique(f"fused_{target.name}")
+        added[name] = module
+        module.train(ctx.top_mode)
+        after = str(module)
+        with graph.inserting_before(target):
+            new = graph.call_module(name, (replaced.get(m.root) or at(m.root),))
             if m.post is not None:  # the activation a BN module applied inside itself, now on its own
-                act_name = _unique(gm, f"{name}_act")
-                gm.add_module(act_name, gm.get_submodule(m.post))
+                act = root.get_submodule(m.post[len(prefix) + 1:] if prefix else m.post)
+                act_name = unique(f"{name}_act")
+                added[act_name] = fetch(act)
                 new = graph.call_module(act_name, (new,))
-        node.replace_all_uses_with(new)
+                after += f" + {type(act).__name__}"
+        target.replace_all_uses_with(new)
         replaced[node] = new
-        after = str(module) + (f" + {type(gm.get_submodule(m.post)).__name__}" if m.post is not None else "")
-        ctx.report.fused.append(FusedItem(path, node.name, [lbl for lbl in m.labels if lbl], after, err))
+        ctx.report.fused.append(FusedItem(path, target.name, [lbl for lbl in m.labels if lbl], after, err))
+    done = {node for node, *_ in accepted}
     for node, m in found.outputs.items():  # identity-only chains (Identity, eval Dropout) read their root
-        if m.identity and node.users and node not in todo:
-            node.replace_all_uses_with(replaced.get(m.root, m.root))
+        if m.identity and node not in done and (local is None or (node in local and m.root in local)):
+            if at(node).users:
+                at(node).replace_all_uses_with(replaced.get(m.root) or at(m.root))
     _drop_dead(graph)
-    gm.delete_all_unused_submodules()
-    gm.recompile()
+    used = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
+    gm = fx.GraphModule({t: added[t] if t in added else fetch(constants[t] if t in constants else
+                                                              _attribute(root, t)) for t in used},
+                        graph, type(root).__name__)
+    gm.training = ctx.top_mode
     return gm
+
+
+def _attribute(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _drop_dead(graph: fx.Graph) -> None:
@@ -380,10 +676,3 @@ def _drop_dead(graph: fx.Graph) -> None:
             if node.op == "call_module" or node.op == "get_attr" or node.op in ("call_function", "call_method"):
                 graph.erase_node(node)
                 changed = True
-
-
-def _unique(gm: nn.Module, name: str) -> str:
-    base, i = name, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name

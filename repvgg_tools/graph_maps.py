@@ -10,13 +10,14 @@ traced graph.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
+import torch
 from torch import Tensor, fx
 
 from . import fusion_ops as ops
 
-__all__ = ["Op", "AffineMap", "Refused", "apply_op", "merge_sum", "merge_cat", "as_pair"]
+__all__ = ["Op", "AffineMap", "Refused", "apply_op", "merge_sum", "merge_cat", "as_pair", "evolve"]
 
 
 @dataclass
@@ -42,7 +43,9 @@ class Op:
 
 @dataclass
 class AffineMap:
-    """``value = conv(root) + bias`` in float64; ``nodes`` are the graph nodes it absorbs (the root excluded)."""
+    """``value = conv(root) + bias``; ``nodes`` are the graph nodes it absorbs (the root excluded). The bias is
+    float64; so is the kernel once anything is composed into it (a lone conv's kernel is the module's own tensor,
+    converted only when used: read it with ``.to(torch.float64)``)."""
 
     root: fx.Node
     kernel: Tensor
@@ -73,6 +76,15 @@ class AffineMap:
                 f"dilation {self.dilation[0]}, groups {self.groups})")
 
 
+def evolve(obj, **changes):
+    """``dataclasses.replace`` for these plain dataclasses (no ``__post_init__``, no init-only fields) at a fifth
+    of its cost: the planner makes thousands per model."""
+    new = object.__new__(type(obj))
+    new.__dict__.update(obj.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
 class Refused(ValueError):
     """A composition that is not exact or not worth it; the message is the reason shown in the report."""
 
@@ -90,10 +102,10 @@ def apply_op(m: AffineMap, op: Op) -> AffineMap:
     """``op`` applied after ``m``; raises :class:`Refused` where the result is not exactly one convolution."""
     labels = m.labels + (op.label,)
     if op.kind == "identity":
-        return replace(m, labels=labels)
+        return evolve(m, labels=labels)
     if op.kind == "diag":
         k, b = ops.scale_branch(m.kernel, m.bias, op.kernel.reshape(-1))
-        return replace(m, kernel=k, bias=b + op.bias, identity=False, labels=labels)
+        return evolve(m, kernel=k, bias=b + op.bias, identity=False, labels=labels)
     if op.kind == "pad":
         if tuple(m.kernel.shape[-2:]) != (1, 1) or m.stride != (1, 1) or m.rank != 4:
             raise Refused(f"{op.label}: padding after a {m.kernel.shape[-1]}x{m.kernel.shape[-2]} stride "
@@ -102,7 +114,7 @@ def apply_op(m: AffineMap, op: Op) -> AffineMap:
             raise Refused(f"{op.label}: pads with values other than the bias of the map before it: the border "
                           f"would differ")
         pad = (m.padding[0] + op.padding[0], m.padding[1] + op.padding[1])
-        return replace(m, padding=pad, identity=False, labels=labels)
+        return evolve(m, padding=pad, identity=False, labels=labels)
     # a kernel after the map
     if op.padding != (0, 0):
         if not m.pointwise and not (m.identity and m.padding == (0, 0)):
@@ -123,7 +135,7 @@ def apply_op(m: AffineMap, op: Op) -> AffineMap:
         except ValueError as exc:
             raise Refused(f"{op.label}: {exc}") from exc
         pad = (m.padding[0] + m.stride[0] * op.padding[0], m.padding[1] + m.stride[1] * op.padding[1])
-    return replace(m, kernel=k, bias=b, stride=stride, padding=pad, dilation=dil, groups=g, identity=False,
+    return evolve(m, kernel=k, bias=b, stride=stride, padding=pad, dilation=dil, groups=g, identity=False,
                    kernel_ops=m.kernel_ops + 1, cost=m.cost + op.kernel.numel(), weighted=m.weighted + op.weighted,
                    labels=labels)
 
@@ -157,7 +169,7 @@ def _align(maps: list[AffineMap]) -> list[AffineMap]:
     out = []
     for m in maps:
         factor = [m.dilation[i] // dil[i] if m.kernel.shape[2 + i] > 1 else 1 for i in (0, 1)]
-        out.append(replace(m, kernel=ops.dilate_kernel(m.kernel, factor), dilation=dil))
+        out.append(evolve(m, kernel=ops.dilate_kernel(m.kernel, factor), dilation=dil))
     pads = [max(m.padding[i] for m in out) for i in (0, 1)]
     sizes = []
     for m in out:
@@ -171,13 +183,17 @@ def _align(maps: list[AffineMap]) -> list[AffineMap]:
     if len(set(sizes)) != 1:
         raise Refused("branches are not centred on the same pixel (kernel extent and padding disagree)")
     g = math.gcd(*[m.groups for m in out])
-    return [replace(m, kernel=ops.regroup_kernel(ops.pad_kernel(m.kernel, sizes[0]), m.groups, g), groups=g,
+    return [evolve(m, kernel=ops.regroup_kernel(_padded(m.kernel, sizes[0]), m.groups, g), groups=g,
                     padding=tuple(pads)) for m in out]
+
+
+def _padded(kernel: Tensor, size: tuple[int, int]) -> Tensor:
+    return kernel if tuple(kernel.shape[-2:]) == tuple(size) else ops.pad_kernel(kernel, size)
 
 
 def _combine(maps: list[AffineMap], kernel: Tensor, bias: Tensor) -> AffineMap:
     first = maps[0]
-    return replace(first, kernel=kernel, bias=bias, nodes=frozenset().union(*[m.nodes for m in maps]),
+    return evolve(first, kernel=kernel, bias=bias, nodes=frozenset().union(*[m.nodes for m in maps]),
                    kernel_ops=sum(m.kernel_ops for m in maps), cost=sum(m.cost for m in maps),
                    identity=all(m.identity for m in maps) and len(maps) == 1,
                    weighted=sum(m.weighted for m in maps), labels=sum((m.labels for m in maps), ()))
@@ -188,8 +204,10 @@ def merge_sum(a: AffineMap, b: AffineMap, sa: float, sb: float) -> AffineMap:
     if a.kernel.shape[0] != b.kernel.shape[0]:
         raise Refused("branches differ in channels")
     a, b = _align([a, b])
-    k = sa * a.kernel + sb * b.kernel
-    return replace(_combine([a, b], k, sa * a.bias + sb * b.bias), identity=False)
+    # one pass over the (often large) kernels in the usual case, a + b or a - b
+    ka, kb = a.kernel.to(torch.float64), b.kernel.to(torch.float64)
+    k = torch.add(ka, kb, alpha=sb) if sa == 1 else sa * ka + sb * kb
+    return evolve(_combine([a, b], k, sa * a.bias + sb * b.bias), identity=False)
 
 
 def merge_cat(parts: list[AffineMap]) -> AffineMap:
@@ -197,4 +215,4 @@ def merge_cat(parts: list[AffineMap]) -> AffineMap:
     parts = _align(parts)
     dense = [ops.regroup_kernel(p.kernel, p.groups, 1) for p in parts]
     k, b = ops.concat_branches(list(zip(dense, [p.bias for p in parts], strict=True)))
-    return replace(_combine(parts, k, b), groups=1, identity=False)
+    return evolve(_combine(parts, k, b), groups=1, identity=False)

@@ -13,7 +13,6 @@ map algebra is :mod:`repvgg_tools.graph_maps` (its math :mod:`repvgg_tools.fusio
 from __future__ import annotations
 
 import operator
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,7 @@ from torch import Tensor, fx, nn
 
 from . import fusion_ops as ops
 from .fusion import fuse_bn
-from .graph_maps import AffineMap, Op, Refused, apply_op, as_pair, merge_cat, merge_sum
+from .graph_maps import AffineMap, Op, Refused, apply_op, as_pair, evolve, merge_cat, merge_sum
 
 __all__ = ["AffineMap", "Op", "Analysis", "node_container"]
 
@@ -50,14 +49,16 @@ def node_container(node: fx.Node) -> list[str]:
 class Analysis:
     """Constant folding, op classification and affine maps over one traced, shape-propagated GraphModule."""
 
-    def __init__(self, gm) -> None:
+    def __init__(self, gm, modules: dict | None = None) -> None:
         self.gm = gm
-        first = next(iter([*gm.parameters(), *gm.buffers()]), None)
+        first = next(gm.parameters(), None)
+        first = first if first is not None else next(gm.buffers(), None)
         self.device = first.device if first is not None else torch.device("cpu")
         self.consts: dict[fx.Node, object] = {}
         self.ops: dict[fx.Node, tuple] = {}
         self.refusals: dict[fx.Node, str] = {}
-        self.modules = dict(gm.named_modules())
+        self.modules = modules if modules is not None else dict(gm.named_modules())
+        self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
         for node in gm.graph.nodes:
             self._fold_constant(node)
             if node not in self.consts:
@@ -124,10 +125,11 @@ class Analysis:
             return ("unary", x, Op("identity", label=label))
         if type(m).forward is nn.Conv2d.forward and rank == 4 and m.padding_mode == "zeros" \
                 and not isinstance(m.padding, str):
-            return ("unary", x, Op("conv", _as64(m.weight), _bias64(m.bias, m.out_channels, m.weight),
+            # the kernel as it is: maps convert it to float64 only where they compose it (most convs stand alone)
+            return ("unary", x, Op("conv", m.weight.detach(), _bias64(m.bias, m.out_channels, m.weight),
                                    as_pair(m.stride), as_pair(m.padding), as_pair(m.dilation), m.groups, label))
         if type(m).forward is nn.Linear.forward and rank == 2:
-            return ("unary", x, Op("conv", _as64(m.weight)[:, :, None, None],
+            return ("unary", x, Op("conv", m.weight.detach()[:, :, None, None],
                                    _bias64(m.bias, m.out_features, m.weight), label=label))
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.running_mean is not None \
                 and (rank == 4) == (not isinstance(m, nn.BatchNorm1d)):
@@ -265,9 +267,13 @@ class Analysis:
         return AffineMap(node, torch.ones(c, 1, 1, 1, **dd), torch.zeros(c, **dd),
                          (1, 1), (0, 0), (1, 1), c, rank)
 
-    def maps(self, cuts: set) -> dict:
-        """Affine map of every affine node, roots at non-affine nodes and ``cuts``; refused joins add cuts."""
+    def maps(self, cuts: set, previous: dict | None = None, before: set | None = None) -> dict:
+        """Affine map of every affine node, roots at non-affine nodes and ``cuts``; refused joins add cuts.
+
+        ``previous`` (the maps computed with the cuts ``before``) is reused for every node whose inputs neither
+        gained a cut nor changed since: a pass that adds a few cuts recomputes only what lies after them."""
         vals: dict[fx.Node, AffineMap] = {}
+        changed: set = set()
 
         def base(x) -> AffineMap | None:
             if not isinstance(x, fx.Node) or x in self.consts:
@@ -280,6 +286,14 @@ class Analysis:
             entry = self.ops.get(node)
             if entry is None:
                 continue
+            if previous is not None:
+                inputs = [entry[1]] if entry[0] == "unary" else [x for x, *_ in entry[1]] if entry[0] == "sum" \
+                    else entry[1]
+                if not any(x in changed or (x in cuts and x not in before) for x in inputs):
+                    if node in previous:
+                        vals[node] = previous[node]
+                    continue
+            changed.add(node)
             try:
                 if entry[0] == "unary":
                     x, op = entry[1], entry[2]
@@ -295,7 +309,7 @@ class Analysis:
                         self.refusals[x] = str(why)
                         vals[node] = self._absorb(apply_op(self.identity(x), op), node)
                     if op.post is not None:  # an activation closes the map: its users read the node
-                        vals[node] = replace(vals[node], post=op.post)
+                        vals[node] = evolve(vals[node], post=op.post)
                 elif entry[0] == "sum":
                     (a, sa), (b, sb) = entry[1]
                     ma, mb = base(a), base(b)
@@ -317,7 +331,7 @@ class Analysis:
 
     @staticmethod
     def _absorb(m: AffineMap, node: fx.Node) -> AffineMap:
-        return replace(m, nodes=m.nodes | {node})
+        return evolve(m, nodes=m.nodes | {node})
 
 
 def _as64(t):

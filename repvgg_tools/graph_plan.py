@@ -27,13 +27,13 @@ _AFFINE_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.
                    nn.modules.pooling._AvgPoolNd, nn.Identity, *_DROPOUTS)
 
 
-def may_fuse(graph: fx.Graph, root: nn.Module) -> bool:
+def may_fuse(graph: fx.Graph, root: nn.Module, modules: dict | None = None) -> bool:
     """A cheap structural pre-scan (no shapes, no values): is any possibly-affine op fed by another one?
 
     ``False`` means :func:`plan` would find nothing (a deployed network: every conv feeds a non-linearity), so the
     forward passes it needs can be skipped.
     """
-    modules = dict(root.named_modules())
+    modules = modules if modules is not None else dict(root.named_modules())
     consts: set = set()  # parameters, buffers and what is computed from them alone
     for node in graph.nodes:
         if node.op == "get_attr" or (node.op in ("call_function", "call_method") and node.all_input_nodes
@@ -73,7 +73,7 @@ def _is_diag(analysis: Analysis, node: fx.Node) -> bool:
     return bool(op) and op[0] == "unary" and op[2].kind in ("diag", "identity")
 
 
-def plan(gm, max_passes: int = 12) -> Plan:
+def plan(gm, max_passes: int = 12, modules: dict | None = None) -> Plan:
     """Find the maximal affine sub-graphs of a shape-propagated graph and the single conv each equals.
 
     Iterates: compute maps with the current cuts, materialize each affine node read by a non-affine user (or
@@ -81,12 +81,14 @@ def plan(gm, max_passes: int = 12) -> Plan:
     whose merged kernel costs more than the convs it replaces (e.g. a depthwise 7x7 followed by a 1x1
     expansion), until nothing changes.
     """
-    analysis = Analysis(gm)
+    analysis = Analysis(gm, modules)
     cuts: set = set()
     result = Plan()
+    vals, last_cuts = None, None
     for _ in range(max_passes):
         before = set(cuts)
-        vals = analysis.maps(cuts)
+        vals = analysis.maps(cuts, vals, last_cuts)
+        last_cuts = set(before)
         outputs = {}
         for node, m in vals.items():
             users = list(node.users)
