@@ -7,7 +7,8 @@ share a root. Compositions that are not exact (a padded conv after a non-zero bi
 align) or that would cost more than the operations they replace are refused: the input becomes a cut and a new map
 starts from it. :func:`repvgg_tools.graph_plan.plan` picks the nodes to materialize as single convolutions. The
 map algebra is :mod:`repvgg_tools.graph_maps` (its math :mod:`repvgg_tools.fusion_ops`);
-:mod:`repvgg_tools.graph_fuser` rewrites and :mod:`repvgg_tools.graph_check` verifies.
+:mod:`repvgg_tools.graph_fuser` drives the fuse, :mod:`repvgg_tools.graph_trace` traces,
+:mod:`repvgg_tools.graph_check` verifies and :mod:`repvgg_tools.graph_rewrite` rewrites.
 """
 
 from __future__ import annotations

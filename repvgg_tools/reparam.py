@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .blocks import conv_bn_kernel_bias
-from .graph_fuser import FuseReport, FusionTracer, graph_fuse
+from .graph_fuser import FuseReport, graph_fuse
+from .graph_trace import FusionTracer
 
 __all__ = ["reparameterize", "fold_conv_bn", "call_deploy_methods", "METHOD_NAMES"]
 

@@ -15,7 +15,8 @@ from torch import nn
 
 from repvgg_tools import graph_match, graph_plan, randomize_batchnorm
 from repvgg_tools.graph_check import float64_modules, grouped_conv2d
-from repvgg_tools.graph_fuser import FusionTracer, _run_for_shapes, _Traced, graph_fuse
+from repvgg_tools.graph_fuser import graph_fuse
+from repvgg_tools.graph_trace import FusionTracer, Traced, run_for_shapes
 from repvgg_tools.verify import compare_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -168,8 +169,8 @@ def test_incremental_planning_passes_equal_full_ones(name, monkeypatch):
         graph = FusionTracer().trace(model)
         modules = dict(model.named_modules())
         with torch.no_grad():
-            _run_for_shapes(model, graph, (x,), modules)
-        traced = _Traced(model, graph, {})
+            run_for_shapes(model, graph, (x,), modules)
+        traced = Traced(model, graph, {})
         if full:
             original = graph_match.Analysis.maps
             monkeypatch.setattr(graph_match.Analysis, "maps", lambda self, cuts, *a: original(self, cuts))
@@ -234,3 +235,31 @@ def test_a_wrong_example_input_is_still_refused():
     assert not report.fused and report.skipped == [("<model>", "no example input: pass example_inputs")]
     fused, report = graph_fuse(model)  # sized from the first conv: 4 channels
     assert len(report.fused) == 1 and _convs_and_bns(fused) == (1, 0)
+
+
+class MadeConstant(nn.Module):
+    """A layer scale the forward creates: fx stores such tensors as constants of the traced root."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)) * torch.linspace(0.5, 2.0, 4).reshape(1, 4, 1, 1))
+
+
+@pytest.mark.parametrize("whole_model", [False, True])
+def test_constants_a_forward_creates_stay_off_the_input_model(whole_model):
+    model = randomize_batchnorm(nn.Sequential(MadeConstant(), MadeConstant()), seed=5).eval()
+    attributes = {name: set(vars(m)) for name, m in model.named_modules()}
+    x = torch.randn(2, 4, 7, 7)
+    fused, report = graph_fuse(model, (x[:1],), whole_model=whole_model)
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == attributes
+    assert len(report.fused) == 2 and _convs_and_bns(fused) == (2, 0)
+    if whole_model:
+        assert isinstance(fused, torch.fx.GraphModule)
+    else:  # each block cut out of the one trace, its constant taken along
+        assert type(fused) is nn.Sequential and sorted(f.module for f in report.fused) == ["0", "1"]
+    with torch.no_grad():
+        assert compare_outputs(fused(x), model(x))[1] <= 1e-5

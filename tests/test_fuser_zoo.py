@@ -329,8 +329,8 @@ def test_in_place_op_on_a_shared_tensor_is_not_treated_as_pure():
 def test_structural_prescan():
     """A deployed network (SE gates included) needs no forward pass; a training block does."""
     from repvgg_tools import create_model
-    from repvgg_tools.graph_fuser import FusionTracer
     from repvgg_tools.graph_plan import may_fuse
+    from repvgg_tools.graph_trace import FusionTracer
 
     deployed = create_model("repvgg_a0", num_classes=10, deploy=True).eval()
     se = zoo.RepVGG(4, 4)
