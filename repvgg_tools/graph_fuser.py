@@ -101,7 +101,9 @@ def graph_fuse(
             from the first Conv2d. Only shapes matter; the checks use fresh random inputs.
         inplace: modify ``model`` instead of returning a copy (replaced sub-modules are swapped in place; a model
             whose own ``forward`` holds a sub-graph is returned as a new GraphModule either way). Without it,
-            ``model`` is read but never changed, and only what the fused model keeps is copied.
+            ``model`` is read but never changed, and only what the fused model keeps is copied; while the call
+            runs, though, ``model`` is in eval mode with float64 tensors swapped in for the checks (the same
+            objects go back), so do not use it from another thread meanwhile.
         leaf_modules: extra module classes the tracer must not enter (e.g. ones with data-dependent control flow).
         rtol: float64 tolerance of each replacement's check.
         whole_model: rewrite the traced model itself as one GraphModule (a little faster: one GraphModule instead

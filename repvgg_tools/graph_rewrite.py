@@ -197,11 +197,17 @@ def rewrite(root: nn.Module, graph: fx.Graph, local: dict | None, found, accepte
         return name
 
     replaced: dict = {}  # a root that is itself replaced is read from its replacement
+    by_origin: dict[frozenset, str] = {}
     for node, m, module, err in accepted:
         target = at(node)
-        name = unique(f"fused_{target.name}")
-        added[name] = module
-        module.train(training)
+        # a module called twice (its parent rewritten) gives the same conv twice, from the same modules: keep one
+        origin = frozenset(n.target for n in m.nodes if n.op == "call_module")
+        name = by_origin.get(origin)
+        if name is None or not _same_layer(added[name], module):
+            name = unique(f"fused_{target.name}")
+            added[name] = module
+            by_origin.setdefault(origin, name)
+            module.train(training)
         after = str(module)
         with graph.inserting_before(target):
             new = graph.call_module(name, (replaced.get(m.root) or at(m.root),))
@@ -226,6 +232,14 @@ def rewrite(root: nn.Module, graph: fx.Graph, local: dict | None, found, accepte
                         graph, type(root).__name__)
     gm.training = training
     return gm
+
+
+def _same_layer(a: nn.Module, b: nn.Module) -> bool:
+    """Two fused layers that compute the same function: same class and settings, equal weights and biases."""
+    if type(a) is not type(b) or not isinstance(a, (nn.Conv2d, nn.Linear)) or str(a) != str(b):
+        return False
+    return torch.equal(a.weight, b.weight) and (a.bias is None) == (b.bias is None) and \
+        (a.bias is None or torch.equal(a.bias, b.bias))
 
 
 def _drop_dead(graph: fx.Graph) -> None:
