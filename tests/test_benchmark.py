@@ -52,3 +52,25 @@ def test_benchmark_rejects_unknown_model(tmp_path):
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: unknown model(s) resnet50"
     assert not (tmp_path / "b").exists()
+
+
+def test_benchmark_fuser_report(tmp_path):
+    """--fuser on one small timm family: timings measured in one run, ratios that match them, and our fused model
+    within 1e-5 of timm's with no more convs and no BatchNorm left."""
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "tools/benchmark.py", "--fuser", "--fuser-models", "repvgg_a0", "--threads",
+                           "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((out / "report.json").read_text())["fuser"]["repvgg_a0"]
+    assert row["timm_s"] > 0 and row["ours_s"] > 0 and row["ratio"] == row["ours_s"] / row["timm_s"]
+    assert row["whole_model_ratio"] == row["whole_model_s"] / row["timm_s"]
+    assert row["max_rel_vs_timm"] <= 1e-5 and row["fused"] == 22 and not row["skipped"]
+    assert row["ours"]["BatchNorm"] == 0 and row["ours"]["Conv2d"] <= row["timm"]["Conv2d"]
+    assert "| repvgg_a0 |" in (out / "report.md").read_text()
+
+
+def test_benchmark_fuser_rejects_unknown_timm_model(tmp_path):
+    proc = subprocess.run([sys.executable, "tools/benchmark.py", "--fuser", "--fuser-models", "resnet9000", "--out",
+                           str(tmp_path / "b")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --fuser-models: timm ")
+    assert "resnet9000" in proc.stderr and "Traceback" not in proc.stderr and not (tmp_path / "b").exists()

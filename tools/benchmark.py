@@ -9,6 +9,7 @@ Examples:
     python tools/benchmark.py --models repvgg_b3 --conversion   # + conversion time and peak RAM vs timm
     python tools/benchmark.py --trt                             # + TensorRT (needs CUDA and a TensorRT backend)
     python tools/benchmark.py --fuser --threads 1               # graph fuser vs timm's reparameterize_model only
+    python tools/benchmark.py --fuser --fuser-models mobileone_s1 repvit_m1   # other timm families
 """
 
 from __future__ import annotations
@@ -487,8 +488,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conversion-arch", default="repvgg_b3")
     p.add_argument("--trt", action="store_true", help="TensorRT and PyTorch eager on the GPU (needs CUDA)")
     p.add_argument("--fuser", action="store_true", help="time our graph fuser vs timm's reparameterize_model on "
-                   + " and ".join(FUSER_MODELS))
+                   "the --fuser-models")
+    p.add_argument("--fuser-models", nargs="+", default=list(FUSER_MODELS), metavar="NAME",
+                   help="timm models for --fuser (default: %(default)s; e.g. add repghostnet_050 repvit_m1 "
+                        "ghostnetv3_050 for every family)")
     args = p.parse_args(argv)
+    if args.fuser:
+        import timm
+
+        unknown = [n for n in args.fuser_models if n not in timm.list_models()]
+        if unknown:
+            p.error(f"--fuser-models: timm {timm.__version__} has no {', '.join(unknown)}")
     if args.models is None:
         args.models = [] if args.fuser else ["repvgg_a0", "repvgg_b0", "vgg16"]
 
@@ -521,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         report["trt"] = bench_trt(args.models, args)
     if args.fuser:
         print("graph fuser vs timm reparameterize_model ...", file=sys.stderr)
-        report["fuser"] = bench_fuser()
+        report["fuser"] = bench_fuser(args.fuser_models)
     report["machine"]["loadavg_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     write_report(report, out)
     if report["models"]:
