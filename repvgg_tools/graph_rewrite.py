@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,15 +33,18 @@ class FusedItem:
 
 
 def join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
+    return f"{path}.{name}" if path and name else path or name
 
 
 def within(path: str, ancestor: str) -> bool:
     return not ancestor or path == ancestor or path.startswith(ancestor + ".")
 
 
-def lca_of(m: AffineMap) -> str:
-    stacks = [graph_match.node_container(n) for n in m.nodes]
+def lca_of(m: AffineMap, found=None, out: fx.Node | None = None) -> str:
+    """Path of the smallest module whose forward holds the sub-graph's operations and its output ``out`` (given
+    the plan ``found``, identity ops such as an eval Dropout on the way in need no rewrite and do not count)."""
+    nodes = [n for n in m.nodes if found is None or n is out or not _is_identity(found, n)] or list(m.nodes)
+    stacks = [graph_match.node_container(n) for n in nodes]
     common = stacks[0]
     for s in stacks[1:]:
         i = 0
@@ -52,33 +56,128 @@ def lca_of(m: AffineMap) -> str:
 
 def plan_rewrites(module: nn.Module, traced: Traced, found, accepted: list, path: str, *, whole: bool,
                   report, training: bool) -> list[tuple[str, Callable]]:
-    """Where the accepted ``(node, map, module, rel err)`` sub-graphs of ``traced`` go: each smallest module holding
-    some gets a rewritten forward (cut out of this trace), so the model keeps its class; where that cannot be, the
-    next module up; at the top (or with ``whole``), ``module`` itself becomes the GraphModule.
+    """Where the accepted ``(node, map, module, rel err)`` sub-graphs of ``traced`` (whose root is ``module``, at
+    ``path`` in the model) go.
+
+    - A plain chain of single-use module calls (a conv and the BN after it) is swapped module for module: the
+      fused layer takes the conv's place and the others become ``nn.Identity`` (a BN's own activation stays), so
+      no forward is rewritten and the model keeps its modules' names.
+    - Any other sub-graph: the smallest module holding it gets a rewritten forward cut out of this trace, so the
+      model keeps its class; where that cannot be, the next module up; at the top (or with ``whole``),
+      ``module`` itself becomes the GraphModule. Chains inside such a module are rewritten with it.
 
     Returns:
         ``(path, build)`` pairs: ``build(fetch)`` makes the module that replaces the one at ``path`` (adding its
         :class:`FusedItem` entries to ``report.fused``), ``fetch`` giving what it holds of each module it keeps.
     """
-    lca_by_node = {node: lca_of(m) for node, m, _, _ in accepted}
-    lcas = set(lca_by_node.values())
+    chains = {} if whole else _chains(traced, accepted)
+    lca_by_node = {node: lca_of(m, found, node) for node, m, _, _ in accepted}
+    regions = _regions(traced, found, [a for a in accepted if a[0] not in chains], lca_by_node, whole)
+    out = [(join(path, lca), functools.partial(
+        rewrite, module.get_submodule(lca) if lca else module, graph, local, found,
+        [a for a in accepted if within(lca_by_node[a[0]], lca)], join(path, lca), report, training,
+        traced.constants, prefix=lca)) for lca, (graph, local) in regions.items()]
+    for item in accepted:
+        node = item[0]
+        if node in chains and not any(within(lca_by_node[node], lca) for lca in regions):
+            out += _swap_chain(traced, item, chains[node], path, join(path, lca_by_node[node]), report, training)
+    return out
+
+
+def _regions(traced: Traced, found, items: list, lca_by_node: dict, whole: bool) -> dict:
+    """The modules to rewrite, ``{path: (graph, node map)}``: the smallest module holding each of ``items`` whose
+    forward can be cut out of the trace and reads the item's input, else its parent; ``{"": (the traced graph,
+    None)}`` where that reaches the top (or with ``whole``)."""
+    lcas = {lca_by_node[node] for node, *_ in items}
+    if not lcas and not whole:
+        return {}
     while True:
         outer = sorted(lca for lca in lcas if not any(o != lca and within(lca, o) for o in lcas))
         if "" in outer or whole:
-            return [(path, functools.partial(rewrite, traced.root, traced.graph, None, found, accepted, path, report,
-                                             training, traced.constants))]
+            return {"": (traced.graph, None)}
         regions = {}
         for lca in outer:
             region = extract_forward(traced, lca)
+            if region is not None and any(_entry(m, found, region[1]) is None for node, m, _, _ in items
+                                          if within(lca_by_node[node], lca)):
+                region = None  # a sub-graph's input is not among the values this forward sees
             if region is None:
                 lcas = (lcas - {lca}) | {lca.rpartition(".")[0]}
                 break
             regions[lca] = region
         else:
-            return [(join(path, lca), functools.partial(
-                rewrite, module.get_submodule(lca), graph, local, found,
-                [a for a in accepted if within(lca_by_node[a[0]], lca)], join(path, lca), report, training,
-                traced.constants, prefix=lca)) for lca, (graph, local) in regions.items()]
+            return regions
+
+
+def _chains(traced: Traced, accepted: list) -> dict:
+    """``{output node: module targets in call order}`` for the accepted sub-graphs that are a plain chain of module
+    calls (root -> m1 -> ... -> output, each intermediate read once), every module called once, registered once
+    and with no tensor of it read elsewhere (DBB pads with its BN's shift), with a conv or linear among them."""
+    calls = Counter(n.target for n in traced.node_list if n.op == "call_module")
+    read = {n.target.rpartition(".")[0] for n in traced.node_list if n.op == "get_attr"}
+    registered: Counter | None = None
+    chains = {}
+    for node, m, _, _ in accepted:
+        chain, cur = [], node
+        while isinstance(cur, fx.Node) and cur is not m.root and cur.op == "call_module" and len(cur.args) == 1 \
+                and not cur.kwargs and (cur is node or len(cur.users) == 1):
+            chain.append(cur)
+            cur = cur.args[0]
+        targets = [c.target for c in reversed(chain)]
+        if cur is not m.root or set(chain) != set(m.nodes) or any(calls[t] != 1 or t in read for t in targets):
+            continue
+        if registered is None:
+            registered = Counter(id(mod) for _, mod in traced.root.named_modules(remove_duplicate=False))
+        mods = [traced.root.get_submodule(t) for t in targets]
+        if all(registered[id(mod)] == 1 for mod in mods) and any(isinstance(mod, _WEIGHTED) for mod in mods):
+            chains[node] = targets
+    return chains
+
+
+_WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def _is_identity(found, node: fx.Node) -> bool:
+    op = found.analysis.ops.get(node)
+    return bool(op) and op[0] == "unary" and op[2].kind == "identity"
+
+
+def _entry(m: AffineMap, found, local: dict | None) -> fx.Node | None:
+    """The traced node whose value the replacement reads in a cut-out forward (``local`` maps the traced graph's
+    nodes into it): the root, or where the root lies outside that forward, the first identity op after it (an eval
+    Dropout the parent applies first) that lies inside; ``None`` if neither does."""
+    if local is None or m.root in local:
+        return m.root
+    frontier, seen = [m.root], set()
+    while frontier:
+        for user in frontier.pop(0).users:
+            if user in m.nodes and user not in seen and _is_identity(found, user):
+                if user in local:
+                    return user
+                seen.add(user)
+                frontier.append(user)
+    return None
+
+
+def _swap_chain(traced: Traced, item: tuple, targets: list[str], path: str, where: str, report,
+                training: bool) -> list[tuple[str, Callable]]:
+    """Module-for-module replacements of one chain: its first conv or linear becomes the fused layer, the other
+    modules ``nn.Identity`` (or, for a BN that applies its own activation, that activation)."""
+    node, m, layer, err = item
+    place = next(t for t in targets if isinstance(traced.root.get_submodule(t), _WEIGHTED))
+    act = traced.root.get_submodule(m.post) if m.post is not None else None
+    after = str(layer) + (f" + {type(act).__name__}" if act is not None else "")
+
+    def fused(fetch: Callable) -> nn.Module:
+        report.fused.append(FusedItem(where, node.name, [lbl for lbl in m.labels if lbl], after, err))
+        return layer.train(training)
+
+    def emptied(fetch: Callable, target: str) -> nn.Module:
+        if act is not None and target == targets[-1]:
+            return fetch(act)
+        return nn.Identity().train(training)
+
+    return [(join(path, t), fused if t == place else functools.partial(emptied, target=t)) for t in targets]
 
 
 class _Outside(Exception):
@@ -210,7 +309,7 @@ def rewrite(root: nn.Module, graph: fx.Graph, local: dict | None, found, accepte
             module.train(training)
         after = str(module)
         with graph.inserting_before(target):
-            new = graph.call_module(name, (replaced.get(m.root) or at(m.root),))
+            new = graph.call_module(name, (replaced.get(m.root) or at(_entry(m, found, local)),))
             if m.post is not None:  # the activation a BN module applied inside itself, now on its own
                 act = root.get_submodule(m.post[len(prefix) + 1:] if prefix else m.post)
                 act_name = unique(f"{name}_act")

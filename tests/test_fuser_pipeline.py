@@ -264,3 +264,113 @@ def test_constants_a_forward_creates_stay_off_the_input_model(whole_model):
         assert type(fused) is nn.Sequential and sorted(f.module for f in report.fused) == ["0", "1"]
     with torch.no_grad():
         assert compare_outputs(fused(x), model(x))[1] <= 1e-5
+
+
+class BlurringBN(nn.BatchNorm2d):
+    """Looks like a plain BN to the analysis (no children) but also blurs: a spatial op inside a pointwise map."""
+
+    def forward(self, x):
+        return F.avg_pool2d(super().forward(x), 3, 1, 1, count_include_pad=False)
+
+
+def test_a_spatial_op_hidden_in_a_pointwise_map_fails_its_check():
+    """Pointwise maps are checked on a 3x3 crop (channel mixing only); that still sees a border and a centre, so a
+    spatial op the analysis missed is caught and left unfused."""
+    model = randomize_batchnorm(nn.Sequential(nn.Conv2d(8, 8, 1), BlurringBN(8), nn.ReLU()), seed=2).eval()
+    x = torch.randn(2, 8, 9, 9)
+    fused, report = graph_fuse(model, (x[:1],))
+    assert not report.fused and any("float64 check" in why for _, why in report.unfused), str(report)
+    with torch.no_grad():
+        assert torch.equal(fused(x), model(x))
+
+
+class StemNet(nn.Module):
+    """conv -> BN in the model's own forward (ResNet's stem), a conv -> BN -> act module, and a BN read elsewhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), BNAct(8))
+        self.tail = Tail()
+
+    def forward(self, x):
+        return self.tail(self.body(torch.relu(self.bn1(self.conv1(x)))))
+
+
+class Tail(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.bn.bias.reshape(1, -1, 1, 1)  # the BN's tensor read elsewhere
+
+
+class BNAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in miniature: a BN subclass that applies its own activation child."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_conv_bn_chains_are_swapped_module_for_module(inplace):
+    """A plain chain keeps the model's class and names, even in the model's own forward: the fused conv takes the
+    conv's place, the BN becomes Identity (or its own activation); a BN whose tensors the forward also reads is not
+    a plain chain, and its module's forward is rewritten instead."""
+    model = randomize_batchnorm(StemNet(), seed=4).eval()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        ref = model(x)
+    fused, report = graph_fuse(model, (x[:1],), inplace=inplace)
+    assert type(fused) is StemNet and (fused is model) is inplace
+    assert isinstance(fused.conv1, nn.Conv2d) and fused.conv1.bias is not None and isinstance(fused.bn1, nn.Identity)
+    assert isinstance(fused.body[0], nn.Conv2d) and type(fused.body[1]) is nn.ReLU
+    assert {"conv1.weight", "conv1.bias", "body.0.weight", "body.0.bias"} <= set(fused.state_dict())
+    assert isinstance(fused.tail, torch.fx.GraphModule)  # its BN's bias is read by the forward: not a plain chain
+    assert len(report.fused) == 3 and _convs_and_bns(fused) == (3, 0)
+    assert sorted(f.module for f in report.fused) == ["", "body", "tail"]
+    with torch.no_grad():
+        assert compare_outputs(fused(x), ref)[1] <= 1e-5
+
+
+class DistilledHead(nn.Module):
+    """RepViT's head: two BN1d -> Linear heads averaged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 5))
+        self.dist = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 5))
+
+    def forward(self, x):
+        return (self.head(x) + self.dist(x)) / 2
+
+
+class DropThenHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.drop = nn.Dropout(0.2)
+        self.head = DistilledHead()
+
+    def forward(self, x):
+        return self.head(self.drop(torch.relu(self.conv(x)).mean((2, 3))))
+
+
+def test_an_identity_op_before_a_module_does_not_pull_its_rewrite_up():
+    """The parent's eval Dropout belongs to the sub-graph (it is an identity) but needs no rewrite: the head alone
+    is rewritten, reading the Dropout's output, and the model keeps its class."""
+    model = randomize_batchnorm(DropThenHead(), seed=6).eval()
+    x = torch.randn(3, 3, 9, 9)
+    fused, report = graph_fuse(model, (x[:1],))
+    assert type(fused) is DropThenHead and isinstance(fused.head, torch.fx.GraphModule)
+    assert [f.module for f in report.fused] == ["head"] and _convs_and_bns(fused) == (1, 0)
+    assert sum(isinstance(m, nn.Linear) for m in fused.modules()) == 1
+    with torch.no_grad():
+        assert compare_outputs(fused(x), model(x))[1] <= 1e-5

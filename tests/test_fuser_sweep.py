@@ -1,0 +1,65 @@
+"""tools/fuser_sweep.py: the graph fuser over networks nobody wrote it for; the sweep must pass real fusions and fail
+a wrong one."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _sweep_module():
+    spec = importlib.util.spec_from_file_location("fuser_sweep", ROOT / "tools" / "fuser_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_reports_real_fusions(tmp_path, capsys):
+    sweep = _sweep_module()
+    code = sweep.main(["--models", "tv:resnet18", "timm:repvgg_a0", "--size", "32", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().out
+    rows = json.loads((tmp_path / "sweep.json").read_text())
+    assert rows["tv:resnet18"]["fused"] == 20 and rows["tv:resnet18"]["bn_left"] == 0
+    assert rows["timm:repvgg_a0"]["fused"] == 22 and rows["timm:repvgg_a0"]["bn_left"] == 0
+    assert all(r["class_kept"] and r["max_rel"] <= 1e-5 for r in rows.values())
+    assert "2 of 2 models fused and within" in capsys.readouterr().out
+    assert "| tv:resnet18 | 20 | 20 -> 0 |" in (tmp_path / "sweep.md").read_text()
+
+
+def test_sweep_fails_a_wrong_fusion(monkeypatch, capsys):
+    """Hand the sweep a fuser whose result is off by 1e-3 in one weight: it must say FAILED and exit 1."""
+    from repvgg_tools import graph_fuser
+
+    real = graph_fuser.graph_fuse
+
+    def wrong(model, *args, **kwargs):
+        fused, report = real(model, *args, **kwargs)
+        fused = copy.deepcopy(fused)
+        conv = next(m for m in fused.modules() if isinstance(m, torch.nn.Conv2d))
+        with torch.no_grad():
+            conv.weight.mul_(1.001)
+        return fused, report
+
+    monkeypatch.setattr(graph_fuser, "graph_fuse", wrong)
+    assert _sweep_module().main(["--models", "tv:resnet18", "--size", "32"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "failed: tv:resnet18" in out
+
+
+def test_sweep_bad_arguments_fail_in_one_line():
+    for args, needle in ((["--models", "resnet18"], "write tv:NAME or timm:NAME"), (["--size", "8"], "at least 32")):
+        proc = subprocess.run([sys.executable, "tools/fuser_sweep.py", *args], cwd=ROOT, capture_output=True,
+                              text=True)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and needle in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
