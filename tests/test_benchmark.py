@@ -64,6 +64,8 @@ def test_benchmark_fuser_report(tmp_path):
     row = json.loads((out / "report.json").read_text())["fuser"]["repvgg_a0"]
     assert row["timm_s"] > 0 and row["ours_s"] > 0 and row["ratio"] == row["ours_s"] / row["timm_s"]
     assert row["whole_model_ratio"] == row["whole_model_s"] / row["timm_s"]
+    assert row["median"]["ratio"] == row["median"]["ours_s"] / row["median"]["timm_s"]
+    assert row["timm_s"] <= row["median"]["timm_s"] and row["ours_s"] <= row["median"]["ours_s"]
     assert row["max_rel_vs_timm"] <= 1e-5 and row["fused"] == 22 and not row["skipped"]
     assert row["ours"]["BatchNorm"] == 0 and row["ours"]["Conv2d"] <= row["timm"]["Conv2d"]
     assert "| repvgg_a0 |" in (out / "report.md").read_text()
