@@ -67,8 +67,9 @@ def convert_user_model(
     """Build the user's model, load ``input``, fuse it (blocks' methods, Conv->BN folds, the graph fuser), verify in
     float64 against the training model, and save the deploy checkpoint (and optionally a plain ONNX).
 
-    The deploy checkpoint holds ``state_dict`` (the fused model's keys: ``fused_*`` convs replace the sub-graphs the
-    graph fuser merged), ``fuse_report`` (text) and the input's non-training entries (epoch, args...). To load it,
+    The deploy checkpoint holds ``state_dict`` (the fused model's keys: a folded conv keeps its key, ``fused_*``
+    convs replace the branches the graph fuser merged), ``fuse_report`` (text) and the input's non-training entries
+    (epoch, args...). To load it,
     build the model, ``reparameterize`` it once from the same training checkpoint (the structure depends on it) or
     use the ONNX file, which needs no code.
 
