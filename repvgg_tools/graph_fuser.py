@@ -244,7 +244,7 @@ def _accept(traced: Traced, found, todo: dict, path: str, ctx: _Context) -> list
     """Build each sub-graph's module and check it against the original operations in float64; ``(node, map,
     module, rel err)`` of those within tolerance (the others go to the report)."""
     accepted = []
-    modules = [traced.root.get_submodule(n.target) for m in todo.values() for n in m.nodes if n.op == "call_module"]
+    modules = [found.analysis.modules[n.target] for m in todo.values() for n in m.nodes if n.op == "call_module"]
     with float64_modules(modules):
         for node, m in todo.items():
             module = build_module(m, node)
