@@ -100,7 +100,8 @@ def graph_fuse(
         example_inputs: positional inputs of one forward call; default: a ``(1, C, 64, 64)`` random image sized
             from the first Conv2d. Only shapes matter; the checks use fresh random inputs.
         inplace: modify ``model`` instead of returning a copy (replaced sub-modules are swapped in place; a model
-            whose own ``forward`` holds a sub-graph is returned as a new GraphModule either way). Without it,
+            whose own ``forward`` holds a sub-graph other than a plain conv -> BN chain is returned as a new
+            GraphModule either way). Without it,
             ``model`` is read but never changed, and only what the fused model keeps is copied; while the call
             runs, though, ``model`` is in eval mode with float64 tensors swapped in for the checks (the same
             objects go back), so do not use it from another thread meanwhile.
@@ -259,7 +260,7 @@ def _accept(traced: Traced, found, todo: dict, path: str, ctx: _Context) -> list
 
 
 def _value_nodes(found, m: AffineMap) -> list:
-    return [n for n in m.nodes if found.analysis.ops[n][0] != "unary" or found.analysis.ops[n][2].kind != "identity"]
+    return [n for n in m.nodes if not graph_plan.is_identity(found.analysis, n)]
 
 
 def _worth_fusing(found, m: AffineMap) -> bool:

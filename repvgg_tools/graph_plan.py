@@ -10,7 +10,7 @@ from torch import fx, nn
 
 from .graph_match import _ADD, _CAT, _DIV, _DROPOUTS, _IDENTITY_METHODS, _MUL, _SUB, Analysis
 
-__all__ = ["Plan", "plan", "may_fuse"]
+__all__ = ["Plan", "plan", "may_fuse", "is_identity"]
 
 
 @dataclass
@@ -66,6 +66,12 @@ def may_fuse(graph: fx.Graph, root: nn.Module, modules: dict | None = None) -> b
             elif affine(user):
                 return True
     return False
+
+
+def is_identity(analysis: Analysis, node: fx.Node) -> bool:
+    """An op that passes its input through unchanged (Identity, eval Dropout, ``contiguous``)."""
+    op = analysis.ops.get(node)
+    return bool(op) and op[0] == "unary" and op[2].kind == "identity"
 
 
 def _is_diag(analysis: Analysis, node: fx.Node) -> bool:

@@ -16,6 +16,7 @@ from torch import fx, nn
 
 from . import graph_match
 from .graph_maps import AffineMap
+from .graph_plan import is_identity
 from .graph_trace import Traced, attribute
 
 __all__ = ["FusedItem", "plan_rewrites", "extract_forward", "rewrite", "assemble", "lca_of", "within", "join"]
@@ -43,7 +44,7 @@ def within(path: str, ancestor: str) -> bool:
 def lca_of(m: AffineMap, found=None, out: fx.Node | None = None) -> str:
     """Path of the smallest module whose forward holds the sub-graph's operations and its output ``out`` (given
     the plan ``found``, identity ops such as an eval Dropout on the way in need no rewrite and do not count)."""
-    nodes = [n for n in m.nodes if found is None or n is out or not _is_identity(found, n)] or list(m.nodes)
+    nodes = [n for n in m.nodes if found is None or n is out or not is_identity(found.analysis, n)] or list(m.nodes)
     stacks = [graph_match.node_container(n) for n in nodes]
     common = stacks[0]
     for s in stacks[1:]:
@@ -137,11 +138,6 @@ def _chains(traced: Traced, accepted: list) -> dict:
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
 
 
-def _is_identity(found, node: fx.Node) -> bool:
-    op = found.analysis.ops.get(node)
-    return bool(op) and op[0] == "unary" and op[2].kind == "identity"
-
-
 def _entry(m: AffineMap, found, local: dict | None) -> fx.Node | None:
     """The traced node whose value the replacement reads in a cut-out forward (``local`` maps the traced graph's
     nodes into it): the root, or where the root lies outside that forward, the first identity op after it (an eval
@@ -151,7 +147,7 @@ def _entry(m: AffineMap, found, local: dict | None) -> fx.Node | None:
     frontier, seen = [m.root], set()
     while frontier:
         for user in frontier.pop(0).users:
-            if user in m.nodes and user not in seen and _is_identity(found, user):
+            if user in m.nodes and user not in seen and is_identity(found.analysis, user):
                 if user in local:
                     return user
                 seen.add(user)
