@@ -35,6 +35,11 @@ def test_sweep_reports_real_fusions(tmp_path, capsys):
     assert all(r["class_kept"] and r["max_rel"] <= 1e-5 for r in rows.values())
     assert "2 of 2 models fused and within" in capsys.readouterr().out
     assert "| tv:resnet18 | 20 | 20 -> 0 |" in (tmp_path / "sweep.md").read_text()
+    before = (tmp_path / "sweep.json").read_bytes()
+    with pytest.raises(SystemExit) as exit_:  # an existing sweep is not overwritten without --force
+        sweep.main(["--models", "tv:resnet18", "--size", "32", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "use --force" in capsys.readouterr().err
+    assert (tmp_path / "sweep.json").read_bytes() == before
 
 
 def test_sweep_fails_a_wrong_fusion(monkeypatch, capsys):

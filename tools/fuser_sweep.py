@@ -78,12 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=96, help="input height and width (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     p.add_argument("--out", type=Path, help="also write sweep.json and sweep.md into this folder")
+    p.add_argument("--force", action="store_true", help="overwrite sweep.json and sweep.md in --out")
     args = p.parse_args(argv)
     bad = [s for s in args.models if s.partition(":")[0] not in ("tv", "timm") or not s.partition(":")[2]]
     if bad:
         p.error(f"--models: {', '.join(bad)}: write tv:NAME or timm:NAME")
     if args.size < 32:
         p.error("--size must be at least 32")
+    if args.out and not args.force and any((args.out / n).exists() for n in ("sweep.json", "sweep.md")):
+        p.error(f"{args.out}: holds a sweep already (use --force to overwrite)")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -104,15 +107,18 @@ def main(argv: list[str] | None = None) -> int:
               f"class kept {r['class_kept']}, max rel {r['max_rel']:.1e}, {r['seconds']:.2f} s")
               + ("" if ok else "  FAILED"), flush=True)
     if args.out:
+        from repvgg_tools.checkpoint import atomic_write
+
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "sweep.json").write_text(json.dumps(rows, indent=1))
+        atomic_write(args.out / "sweep.json", lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)),
+                     force=True)
         lines = ["| model | fused | BN before -> left | not traced | class kept | max rel | s |",
                  "|---|---|---|---|---|---|---|"]
         for spec, r in rows.items():
             lines.append(f"| {spec} | error: {r['error']} |" if "error" in r else
                          f"| {spec} | {r['fused']} | {r['bn_before']} -> {r['bn_left']} | {r['not_traced']} | "
                          f"{r['class_kept']} | {r['max_rel']:.1e} | {r['seconds']:.2f} |")
-        (args.out / "sweep.md").write_text("\n".join(lines) + "\n")
+        atomic_write(args.out / "sweep.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"), force=True)
     print(f"{len(rows) - len(failed)} of {len(rows)} models fused and within {RTOL:g}"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
