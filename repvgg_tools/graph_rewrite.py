@@ -73,7 +73,8 @@ def plan_rewrites(module: nn.Module, traced: Traced, found, accepted: list, path
     """
     chains = {} if whole else _chains(traced, accepted)
     lca_by_node = {node: lca_of(m, found, node) for node, m, _, _ in accepted}
-    regions = _regions(traced, found, [a for a in accepted if a[0] not in chains], lca_by_node, whole)
+    regions = _regions(traced, found, {lca_by_node[node] for node, *_ in accepted if node not in chains}, accepted,
+                       lca_by_node, whole)
     out = [(join(path, lca), functools.partial(
         rewrite, module.get_submodule(lca) if lca else module, graph, local, found,
         [a for a in accepted if within(lca_by_node[a[0]], lca)], join(path, lca), report, training,
@@ -85,11 +86,10 @@ def plan_rewrites(module: nn.Module, traced: Traced, found, accepted: list, path
     return out
 
 
-def _regions(traced: Traced, found, items: list, lca_by_node: dict, whole: bool) -> dict:
-    """The modules to rewrite, ``{path: (graph, node map)}``: the smallest module holding each of ``items`` whose
-    forward can be cut out of the trace and reads the item's input, else its parent; ``{"": (the traced graph,
-    None)}`` where that reaches the top (or with ``whole``)."""
-    lcas = {lca_by_node[node] for node, *_ in items}
+def _regions(traced: Traced, found, lcas: set, accepted: list, lca_by_node: dict, whole: bool) -> dict:
+    """The modules to rewrite, ``{path: (graph, node map)}``: each of ``lcas`` whose forward can be cut out of the
+    trace and reads the input of every accepted sub-graph it holds (chains included), else its parent;
+    ``{"": (the traced graph, None)}`` where that reaches the top (or with ``whole``)."""
     if not lcas and not whole:
         return {}
     while True:
@@ -99,7 +99,7 @@ def _regions(traced: Traced, found, items: list, lca_by_node: dict, whole: bool)
         regions = {}
         for lca in outer:
             region = extract_forward(traced, lca)
-            if region is not None and any(_entry(m, found, region[1]) is None for node, m, _, _ in items
+            if region is not None and any(_entry(m, found, region[1]) is None for node, m, _, _ in accepted
                                           if within(lca_by_node[node], lca)):
                 region = None  # a sub-graph's input is not among the values this forward sees
             if region is None:
