@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .fusion import fuse_bn, fuse_conv_bn, identity_kernel, merge_branches, pad_kernel
+from .fusion import _f64, fuse_bn, fuse_conv_bn, identity_kernel, merge_branches, pad_kernel
 
 __all__ = [
     "fuse_bn_before",
@@ -38,10 +38,6 @@ __all__ = [
     "pad_kernel",
     "identity_kernel",
 ]
-
-
-def _f64(t: Tensor) -> Tensor:
-    return t.to(torch.float64)
 
 
 def fuse_bn_before(

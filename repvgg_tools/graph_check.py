@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph_maps import AffineMap
+from .graph_maps import AffineMap, as_pair
 from .graph_match import _BN_FORWARDS
 
 __all__ = ["build_module", "check_replacement", "evaluate_subgraph", "float64_modules", "grouped_conv2d"]
@@ -116,13 +116,13 @@ def grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """``F.conv2d`` (zero padding); grouped convs on small outputs as unfold + one batched matmul over the groups:
     the same values, but a depthwise float64 conv on a check's crop takes tens of microseconds instead of torch's
     CPU kernel's milliseconds (it loops over the groups). The float64 checks evaluate both the original convs and
-    the candidate with it; ``tests/test_fuser_zoo.py`` holds it to ``F.conv2d`` over groups, stride, padding,
-    dilation and output size.
+    the candidate with it; ``tests/test_fuser_pipeline.py`` holds it to ``F.conv2d`` over groups, stride,
+    padding, dilation and output size.
 
     Args:
         x: ``(N, C_in, H, W)``; weight: ``(C_out, C_in / groups, kh, kw)``; bias: ``(C_out,)`` or ``None``.
     """
-    stride, padding, dilation = (_pair(v) for v in (stride, padding, dilation))
+    stride, padding, dilation = (as_pair(v) for v in (stride, padding, dilation))
     n, _, h, w = x.shape
     c_out, c_in_group, kh, kw = weight.shape
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -136,10 +136,6 @@ def grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if bias is not None:
         out = out + bias.reshape(1, -1, 1)
     return out.reshape(n, c_out, oh, ow)
-
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 @contextmanager
