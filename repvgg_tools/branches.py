@@ -16,7 +16,8 @@ from torch import Tensor
 from . import fusion
 from .layouts import Block, ConversionError
 
-__all__ = ["BranchBN", "Branch", "BlockParts", "read_bn", "block_parts", "fuse_into", "check_finite", "BN_STATS"]
+__all__ = ["BranchBN", "Branch", "BlockParts", "read_bn", "block_parts", "fuse_into", "check_finite", "stored_span",
+           "BN_STATS"]
 
 CHUNK_ELEMENTS = 1 << 20  # work on chunks of about this many elements (8 MB in fp64), so temporaries stay small
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -165,11 +166,22 @@ def fuse_into(out_w: Tensor, out_b: Tensor, parts: BlockParts, eps: float, where
 
 
 def check_finite(key: str, t: Tensor) -> None:
-    """Raise :class:`ConversionError` on NaN/Inf, a chunk at a time (no tensor-sized temporary)."""
-    if not torch.is_floating_point(t):
+    """Raise :class:`ConversionError` on NaN/Inf, a chunk at a time (no tensor-sized temporary).
+
+    The scan runs over the bytes the view reaches in its storage, not over the view: an expanded tensor (stride 0)
+    declaring billions of elements over a few stored ones costs what is stored.
+    """
+    if not torch.is_floating_point(t) or not t.numel():
         return
-    flat = t.reshape(-1)
+    flat = stored_span(t)
     for start in range(0, flat.numel(), CHUNK_ELEMENTS):
         # a float64 sum is non-finite exactly when an element is (no sum of float32-range values overflows it)
         if not bool(torch.isfinite(flat[start:start + CHUNK_ELEMENTS].sum(dtype=torch.float64))):
             raise ConversionError(f"{key}: contains NaN or Inf values")
+
+
+def stored_span(t: Tensor) -> Tensor:
+    """The elements of ``t``'s storage from the lowest to the highest one the view reaches, as a 1-D view."""
+    lowest = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True) if st < 0)
+    reach = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)) + 1
+    return t.as_strided((reach,), (1,), lowest)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import mmap as _mmap
 import os
@@ -10,6 +11,7 @@ import stat
 import sys
 import tempfile
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,36 +20,57 @@ from typing import Any
 import torch
 
 from .paths import CheckpointError, check_output_path
+from .safe_pickle import PickleLimitError, UnsafePickleError, to_plain
 
 __all__ = [
     "CheckpointError", "load_checkpoint", "save_checkpoint", "atomic_write", "read_state_dict", "read_checkpoint",
     "CheckpointContents", "strip_prefixes", "release_pages", "shared_memory_keys", "check_output_path",
-    "MODEL_KEYS", "EMA_KEYS", "DROPPED_KEYS",
+    "MODEL_KEYS", "EMA_KEYS", "DROPPED_KEYS", "remove_leftovers", "metadata_text", "tensors_in",
 ]
 
 log = logging.getLogger(__name__)
 
 
 def _sniff_format(path: Path) -> str:
-    """The format from the first bytes: ``zip`` (torch >= 1.6), ``pickle`` (legacy), ``safetensors``, ``unknown``."""
+    """The format from the file's bytes: ``safetensors`` (its header parses), ``zip`` (torch >= 1.6), ``pickle``
+    (legacy torch), else ``unknown``. Safetensors is tried first: its 8-byte header length may start with any byte,
+    0x80 (a pickle's first byte) included."""
     with open(path, "rb") as f:
         head = f.read(16)
+        if _is_safetensors(f, head, path.stat().st_size):
+            return "safetensors"
     if head.startswith(b"PK\x03\x04"):
         return "zip"
     if head[:1] == b"\x80":  # pickle protocol >= 2 marker; legacy torch files start with a pickled magic number
         return "pickle"
-    if len(head) > 8 and head[8:9] == b"{":  # 8-byte little-endian header length, then a JSON header
-        return "safetensors"
     return "unknown"
+
+
+def _is_safetensors(f, head: bytes, size: int) -> bool:
+    """Whether the file starts with a safetensors header: a little-endian length, then that many bytes of JSON
+    object that lie inside the file."""
+    if len(head) < 10 or head[8:9] != b"{":
+        return False
+    n = int.from_bytes(head[:8], "little")
+    if n < 2 or 8 + n > size or n > 100 << 20:  # safetensors' own header limit is 100 MB
+        return False
+    f.seek(8)
+    try:
+        header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(header, dict)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = True) -> Any:
     """Load a ``.pth/.pt/.ckpt`` (torch zip or legacy) or ``.safetensors`` file without running code from it.
 
-    The format is recognized from the file's first bytes, so a misnamed file still loads. Files that
-    ``weights_only=True`` refuses (training checkpoints holding configs, argument namespaces, NumPy values, whole
-    model objects) are read with :mod:`repvgg_tools.safe_pickle`: other classes become plain data, calls of
-    non-allowlisted functions are refused. See :func:`read_checkpoint` for which classes were replaced.
+    The format is recognized from the file's bytes, so a misnamed file still loads. A torch zip file has its records
+    checked against its pickle before anything is mapped (:mod:`repvgg_tools.torch_zip`); its pickle is read by
+    torch's ``weights_only`` unpickler, and files that it refuses (training checkpoints holding configs, argument
+    namespaces, NumPy values, whole model objects) by :mod:`repvgg_tools.safe_pickle` under the same rules: other
+    classes become plain data, nothing from the file is ever called. A legacy (non-zip) file is read only if
+    ``weights_only`` reads it. See :func:`read_checkpoint` for which classes were replaced.
 
     Args:
         path: the file.
@@ -56,13 +79,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             Writing to a memory-mapped tensor never changes the file (private mapping).
 
     Raises:
-        CheckpointError: missing, a directory, empty, unreadable, truncated, or a pickle that would run code.
+        CheckpointError: missing, a directory, empty, unreadable, truncated or corrupt, a pickle that would run code,
+            or one past the reader's limits.
     """
     return _load(Path(path), map_location, mmap)[0]
 
 
-def _load(path: Path, map_location: str | torch.device, mmap: bool) -> tuple[Any, list[str]]:
-    """``(object, names of the classes replaced by plain data)``."""
+def _load(path: Path, map_location: str | torch.device, mmap: bool) -> tuple[Any, list[str], bool]:
+    """``(object, names of the classes replaced by plain data, whether every tensor is memory-mapped)``."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
@@ -73,51 +97,75 @@ def _load(path: Path, map_location: str | torch.device, mmap: bool) -> tuple[Any
         kind = _sniff_format(path)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
-    if kind == "safetensors" or (kind == "unknown" and path.suffix == ".safetensors"):
+    if kind == "safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path), device=str(map_location)), []
+            obj, replaced, mapped = load_file(str(path)), [], False
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
-    if kind == "unknown":
-        raise CheckpointError(f"{path}: not a checkpoint (neither a PyTorch zip/pickle file nor safetensors)")
-    try:
-        return _torch_load(path, map_location, mmap and kind == "zip", None), []
-    except Exception as exc:  # UnpicklingError, EOFError, RuntimeError from the zip reader, ...
-        if "Weights only load failed" not in str(exc):
+    elif kind == "unknown":
+        what = "a safetensors file with a broken header" if path.suffix == ".safetensors" else \
+            "neither a PyTorch zip/pickle file nor safetensors"
+        raise CheckpointError(f"{path}: not a checkpoint ({what})")
+    else:
+        try:
+            obj, replaced, mapped = _read_torch(path, kind, mmap)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # UnpicklingError, EOFError, RuntimeError from a rebuild, ...
             raise _load_error(path, kind, exc) from None
-    from .safe_pickle import restricted_pickle_module, to_plain
-
-    module, replaced = restricted_pickle_module()
     try:
-        obj = to_plain(_torch_load(path, map_location, mmap and kind == "zip", module))
-    except Exception as exc:
-        raise _load_error(path, kind, exc) from None
+        obj = to_plain(obj)  # bounded nesting; shared references stay shared
+    except PickleLimitError as exc:
+        raise CheckpointError(f"{path}: refused to load: {exc}") from None
     if replaced:
-        log.info("%s: read as plain data: %s", path, ", ".join(sorted(replaced)))
-    return obj, sorted(replaced)
+        log.info("%s: read as plain data: %s", path, ", ".join(replaced))
+    if torch.device(map_location).type != "cpu":
+        obj, mapped = _to_device(obj, torch.device(map_location), {}), False
+    return obj, replaced, mapped
 
 
-def _torch_load(path: Path, map_location, mmap: bool, pickle_module) -> Any:
-    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+def _read_torch(path: Path, kind: str, mmap: bool) -> tuple[Any, list[str], bool]:
+    from .torch_zip import NotTorchZip, read_torch_zip
+
+    if kind == "zip":
+        try:
+            return read_torch_zip(path, mmap)
+        except NotTorchZip as exc:
+            if "byte order" not in str(exc):
+                raise
+    # a legacy (non-zip) file, or a big-endian archive: only what torch's weights_only loader reads
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*pickle protocol.*")
-        warnings.filterwarnings("ignore", message=".*source code.*")
-        if mmap and hasattr(_mmap, "MAP_PRIVATE"):
-            # a private mapping: writing to a loaded tensor must never reach the file
-            stack.enter_context(torch.serialization.set_default_mmap_options(_mmap.MAP_PRIVATE))
-        if pickle_module is None:
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap, pickle_module=pickle_module)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=False), [], False
+
+
+def _to_device(obj: Any, device: torch.device, memo: dict[int, Any]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
+    if isinstance(obj, Mapping):
+        return type(obj)((k, _to_device(v, device, memo)) for k, v in obj.items()) \
+            if isinstance(obj, (dict, OrderedDict)) else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device, memo) for v in obj)
+    return obj
 
 
 def _load_error(path: Path, kind: str, exc: BaseException) -> CheckpointError:
-    from .safe_pickle import UnsafePickleError
+    from .torch_zip import CorruptCheckpoint, NotTorchZip
 
-    if isinstance(exc, UnsafePickleError):
+    if isinstance(exc, (UnsafePickleError, PickleLimitError)):
         return CheckpointError(f"{path}: refused to load: {exc}")
     msg = _first_line(exc)
+    if isinstance(exc, (CorruptCheckpoint, NotTorchZip)):
+        return CheckpointError(f"{path}: truncated or corrupt checkpoint ({msg})")
+    if kind == "pickle" and "Weights only load failed" in str(exc):
+        return CheckpointError(f"{path}: refused to load: a legacy (non-zip) torch file is read only when torch's "
+                               "weights_only loader accepts it, and it does not (re-save it with a current torch)")
     if kind == "zip" or "EOF" in msg or isinstance(exc, EOFError):
         return CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}: {msg})")
     return CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {msg})")
@@ -143,8 +191,10 @@ def atomic_write(path: str | os.PathLike, write_fn, force: bool = False) -> Path
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise CheckpointError(f"{path}: directory {parent} does not exist")
+    remove_leftovers(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        # the writer's pid in the name: a later run can tell a killed run's leftover from a live write
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_TAG}{os.getpid()}-", suffix=".tmp", dir=parent)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot write ({exc.strerror})") from None
     os.close(fd)
@@ -159,6 +209,45 @@ def atomic_write(path: str | os.PathLike, write_fn, force: bool = False) -> Path
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+TEMP_TAG = ".partial-"  # temp files are ``.NAME.partial-PID-XXXX.tmp``
+
+
+def remove_leftovers(path: str | os.PathLike) -> list[Path]:
+    """Remove the temp files that runs killed while writing ``path`` left beside it (SIGKILL, power loss).
+
+    A temp file is ``.NAME.partial-PID-XXXX.tmp``; it is removed when process PID no longer exists (a write still
+    in progress is never touched). Returns the files removed.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    stem = f".{path.name}{TEMP_TAG}"
+    removed = []
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(stem) and n.endswith(".tmp")]
+    except OSError:
+        return removed
+    for name in names:
+        pid = name[len(stem):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                (parent / name).unlink()
+                removed.append(parent / name)
+                log.warning("removed %s, left by a run that was killed while writing %s", parent / name, path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else
+    return True
 
 
 def _umask() -> int:
@@ -194,9 +283,63 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike, force: bool
         from safetensors.torch import save_file
 
         tensors = {k: v.contiguous() for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        metadata = {k: str(v) for k, v in obj.items() if not isinstance(v, torch.Tensor)}
+        metadata = {}
+        for k, v in obj.items():
+            if not isinstance(v, torch.Tensor):
+                text = metadata_text(v)
+                if text is None:
+                    log.warning("%s: entry %r left out of the safetensors metadata (over %d characters)", path,
+                                k, METADATA_CHARS)
+                else:
+                    metadata[str(k)] = text
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or None), force)
     return atomic_write(path, lambda tmp: torch.save(dict(obj), tmp), force)
+
+
+METADATA_CHARS = 1 << 16  # per entry: safetensors metadata is a small JSON header, not a place for logs
+
+
+def metadata_text(value: Any, limit: int = METADATA_CHARS) -> str | None:
+    """``value`` as text for safetensors metadata (strings as they are, the rest as ``repr``-like text), or
+    ``None`` when it would exceed ``limit`` characters. Stops as soon as the limit is passed, so a small structure
+    of shared references (exponentially large when written out) costs no more than ``limit``."""
+    if isinstance(value, str):
+        return value if len(value) <= limit else None
+    parts: list[str] = []
+    left = [limit]
+
+    def emit(text: str) -> None:
+        left[0] -= len(text)
+        if left[0] < 0:
+            raise OverflowError
+        parts.append(text)
+
+    def walk(v: Any) -> None:
+        if isinstance(v, Mapping):
+            emit("{")
+            for i, (k, item) in enumerate(v.items()):
+                emit(", " if i else "")
+                walk(k)
+                emit(": ")
+                walk(item)
+            emit("}")
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            open_, close = {list: "[]", tuple: "()"}.get(type(v), "{}")
+            emit(open_)
+            for i, item in enumerate(v):
+                emit(", " if i else "")
+                walk(item)
+            emit(close)
+        elif isinstance(v, torch.Tensor):
+            emit(f"tensor(shape={tuple(v.shape)}, dtype={v.dtype})")
+        else:
+            emit(repr(v)[: left[0] + 1])
+
+    try:
+        walk(value)
+    except (OverflowError, RecursionError):
+        return None
+    return "".join(parts)
 
 
 # Where state dicts hide in the containers seen in the wild, in the order they are tried.
@@ -221,6 +364,7 @@ class CheckpointContents:
         dropped: names of the entries left out of ``extras``.
         format: ``zip``, ``pickle`` or ``safetensors``.
         replaced: qualified names of the classes that were read as plain data (see :mod:`repvgg_tools.safe_pickle`).
+        mapped: every tensor is a view of the file's private memory mapping (its pages can be given back).
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -229,6 +373,7 @@ class CheckpointContents:
     dropped: list[str] = field(default_factory=list)
     format: str = "zip"
     replaced: list[str] = field(default_factory=list)
+    mapped: bool = False
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -258,11 +403,15 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes: tuple[str, 
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        new = key
-        while new.startswith(prefixes):
-            new = next(new[len(p):] for p in prefixes if new.startswith(p))
+        start, found = 0, True
+        while found:  # an index, not repeated slicing: linear even for a key of a million prefixes
+            found = False
+            for p in prefixes:
+                if key.startswith(p, start):
+                    start, found = start + len(p), True
+        new = key[start:]
         if new in out:
-            raise CheckpointError(f"key {key!r} collides with another key once its prefix is stripped")
+            raise CheckpointError(f"key {key[:200]!r} collides with another key once its prefix is stripped")
         out[new] = value
     return out
 
@@ -282,7 +431,7 @@ def read_checkpoint(path: str | os.PathLike, ema: bool = False, mmap: bool = Tru
         CheckpointError: unreadable file, no state dict in it, or ``ema`` without EMA weights.
     """
     path = Path(path)
-    obj, replaced = _load(path, "cpu", mmap)
+    obj, replaced, mapped = _load(path, "cpu", mmap)
     fmt = _sniff_format(path)
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict or a dict containing one")
@@ -323,7 +472,7 @@ def read_checkpoint(path: str | os.PathLike, ema: bool = False, mmap: bool = Tru
         raise CheckpointError(f"{path}: state dict keys must be strings")
     if dropped:
         log.info("dropped %s (training state that does not apply after conversion)", ", ".join(map(str, dropped)))
-    return CheckpointContents(strip_prefixes(sd), extras, container_key, dropped, fmt, replaced)
+    return CheckpointContents(strip_prefixes(sd), extras, container_key, dropped, fmt, replaced, mapped)
 
 
 def read_state_dict(path: str | os.PathLike, ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -374,6 +523,33 @@ def shared_memory_keys(sd: Mapping[str, torch.Tensor]) -> set[str]:
         if end > reach_end:
             reach_end, reach_key = end, key
     return shared
+
+
+def tensors_in(obj: Any) -> list[torch.Tensor]:
+    """Every tensor inside a loaded structure (dicts, lists, tuples, sets), each once."""
+    found: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+    todo = [obj]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, torch.Tensor):
+            found.setdefault(id(item), item)
+        elif isinstance(item, (Mapping, list, tuple, set, frozenset)) and id(item) not in seen:
+            seen.add(id(item))
+            todo.extend(item.values() if isinstance(item, Mapping) else item)
+            if isinstance(item, Mapping):
+                todo.extend(k for k in item if isinstance(k, torch.Tensor))
+    return list(found.values())
+
+
+def overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (stride 0, or strides that fold back onto each other)."""
+    span = 1
+    for stride, n in sorted((abs(st), n) for n, st in zip(t.shape, t.stride(), strict=True) if n > 1):
+        if stride < span:
+            return True
+        span += stride * (n - 1)
+    return False
 
 
 def release_pages(tensor: torch.Tensor) -> int:

@@ -26,7 +26,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from .arch import ArchHints, checkpoint_hints
-from .checkpoint import check_output_path, read_checkpoint, save_checkpoint, shared_memory_keys
+from .checkpoint import (
+    check_output_path,
+    overlaps_itself,
+    read_checkpoint,
+    save_checkpoint,
+    shared_memory_keys,
+    tensors_in,
+)
 from .convert_check import ConversionReport, VerificationError, default_rtol
 from .convert_walk import Converted, Job, convert_repvgg, convert_vgg, param_count
 from .layouts import LAYOUT_NAMES, LAYOUTS, ConversionError, detect_layout, rename_layout
@@ -55,6 +62,7 @@ def convert_state_dict(
     input_size: int | None = None,
     progress: bool = False,
     release_mapped: bool = False,
+    others: Any = (),
 ) -> tuple[dict[str, Tensor], ConversionReport]:
     """Convert a training-form RepVGG (any layout) or VGG-BN state dict to its deploy form.
 
@@ -79,6 +87,8 @@ def convert_state_dict(
         progress: show a progress bar on stderr for large models.
         release_mapped: with ``inplace``, the tensors come from ``load_checkpoint(mmap=True)``: give the pages of
             consumed branch tensors back to the OS as blocks fuse (see :func:`~repvgg_tools.checkpoint.release_pages`).
+        others: whatever else of the file is kept (extras): tensors in it that share memory with ``sd``'s are never
+            overwritten by an in-place fusion.
 
     Returns:
         ``(deploy_state_dict, report)``.
@@ -89,7 +99,7 @@ def convert_state_dict(
         VerificationError: the outputs differ beyond ``rtol``.
     """
     converted = _convert(sd, arch, layout, out_layout, verify, inplace, hints or ArchHints(), rtol, bn_eps,
-                         input_size, progress, release_mapped)
+                         input_size, progress, release_mapped, tensors_in(others))
     return converted.state_dict, converted.report
 
 
@@ -102,7 +112,7 @@ def _bn_eps(bn_eps: float | None, hints: ArchHints) -> tuple[float, str]:
 
 
 def _convert(sd, arch, layout, out_layout, verify, inplace, hints, rtol, bn_eps, input_size, progress,
-             release_mapped) -> Converted:
+             release_mapped, others: list[Tensor] = ()) -> Converted:
     start = time.perf_counter()
     if not isinstance(sd, Mapping) or not sd:
         raise ConversionError("empty state dict")
@@ -121,9 +131,9 @@ def _convert(sd, arch, layout, out_layout, verify, inplace, hints, rtol, bn_eps,
         raise ConversionError(f"no RepVGG blocks or VGG conv+BatchNorm layers found; not a RepVGG/VGG checkpoint "
                               f"(keys: {preview}, ...)")
     work = sd if inplace else dict(sd)
+    shared = _guard_views(work, others)
     params_before = param_count(work)
-    job = Job(work, eps, inplace, release_mapped and inplace, verify, progress,
-               shared_memory_keys(work) if inplace else set())
+    job = Job(work, eps, inplace, release_mapped and inplace, verify, progress, shared if inplace else set())
     if vgg:
         converted = convert_vgg(job, arch, hints, out_layout, detected, input_size or 32)
     else:
@@ -145,6 +155,39 @@ def _convert(sd, arch, layout, out_layout, verify, inplace, hints, rtol, bn_eps,
         if not report.passed:
             raise VerificationError(report)
     return converted
+
+
+COPY_BUDGET = 256 << 20  # bytes of copies of self-overlapping views allowed beyond the checkpoint's own size
+
+
+def _guard_views(sd: dict[str, Tensor], others: list[Tensor]) -> set[str]:
+    """Make the state dict safe to fuse in place: self-overlapping views (stride 0, folded strides) are replaced by
+    copies, and the keys whose memory another tensor reaches (in ``sd`` or anywhere else in the file, ``others``)
+    are returned: they are never written in place nor released (nor are the copies).
+
+    The copies are bounded: in all, no more than the file's stored bytes or :data:`COPY_BUDGET`, whichever is
+    larger, so a tiny file declaring an expanded tensor of billions of elements is refused, not materialized.
+
+    Raises:
+        ConversionError: a view that would take more than that to copy.
+    """
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (*sd.values(), *others)
+                if t.device.type == "cpu"}
+    budget = max(COPY_BUDGET, sum(storages.values()))
+    copied = set()
+    for key, t in sd.items():
+        if t.numel() and overlaps_itself(t):
+            need = t.numel() * t.element_size()
+            if need > budget:
+                raise ConversionError(
+                    f"{key}: a view that repeats its stored data ({t.numel()} elements of shape {tuple(t.shape)} "
+                    f"over stride {t.stride()}); too large to copy, refused (re-save it with .contiguous())")
+            budget -= need
+            sd[key] = t.contiguous()
+            copied.add(key)
+    everything: dict[str, Tensor] = dict(sd)
+    everything.update({f"\0other {i}": t for i, t in enumerate(others)})
+    return copied | {k for k in shared_memory_keys(everything) if k in sd}
 
 
 # ------------------------------------------------------------------------------------------------------- files
@@ -192,7 +235,8 @@ def convert_file(
     load_seconds = time.perf_counter() - start
     deploy, report = convert_state_dict(
         contents.state_dict, arch, layout, out_layout, verify, inplace=True, hints=checkpoint_hints(contents.extras),
-        rtol=rtol, bn_eps=bn_eps, progress=progress, release_mapped=contents.format == "zip",
+        rtol=rtol, bn_eps=bn_eps, progress=progress, release_mapped=contents.mapped,
+        others=tensors_in(contents.extras),
     )
     if not report.blocks_fused:
         what = (f"all {report.blocks_already_deployed} RepVGG blocks are already in deploy form"
@@ -257,7 +301,8 @@ def load_model(
         hints.model_kwargs = dict(model_kwargs)
     train_sd = contents.state_dict
     # the training form needs the tensors as read: fuse into new tensors then
-    converted = _convert(train_sd, arch, layout, None, verify, deploy, hints, None, bn_eps, None, False, False)
+    converted = _convert(train_sd, arch, layout, None, verify, deploy, hints, None, bn_eps, None, False, False,
+                         tensors_in(contents.extras))
     report, resolved = converted.report, converted.arch
     if resolved is None:
         if report.layout != "torchvision" and not LAYOUTS[report.layout].modelable:
