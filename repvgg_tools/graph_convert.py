@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from .checkpoint import read_checkpoint, save_checkpoint
 from .graph_fuser import example_inputs_for
 from .layouts import ConversionError
+from .paths import check_outputs
 from .reparam import reparameterize
 from .verify import DEFAULT_RTOL, VerifyResult, verify_equivalence
 
@@ -91,13 +92,12 @@ def convert_user_model(
 
     Raises:
         ConversionError: bad factory, checkpoint that does not fit the model, or no input shape to work with.
-        CheckpointError: unreadable input, or an output exists without ``force``.
+        CheckpointError: unreadable input, an output exists without ``force``, is the input, or both outputs name
+            one file.
         FusionVerificationError: the fused model misses the tolerance (nothing written).
     """
     output = Path(output)
-    for path in (output, export_onnx):
-        if path is not None and Path(path).exists() and not force:
-            raise CheckpointError(f"{path}: already exists (use --force to overwrite)")
+    check_outputs({"output": output, "export_onnx": export_onnx}, (input,), force)  # before any work or write
     build = load_factory(factory) if isinstance(factory, str) else factory
     try:
         model = build(**dict(factory_kwargs or {}))

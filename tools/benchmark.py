@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from repvgg_tools.cli.common import Parser, error  # noqa: E402  (needs the path above)
+from repvgg_tools.cli.common import Parser, error, run_command  # noqa: E402  (needs the path above)
 from repvgg_tools.timing import count_flops, time_callable, time_cuda  # noqa: E402
 
 TIMM_NAMES = {"repvgg_a0": "repvgg_a0", "repvgg_a1": "repvgg_a1", "repvgg_a2": "repvgg_a2", "repvgg_b0": "repvgg_b0",
@@ -498,6 +498,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="timm models for --fuser (default: %(default)s; e.g. add repghostnet_050 repvit_m1 "
                         "ghostnetv3_050 for every family)")
     args = p.parse_args(argv)
+    return run_command(lambda: _main(args, p), traceback=args.traceback)
+
+
+def _main(args: argparse.Namespace, p: Parser) -> int:
     if args.fuser:
         import timm
 

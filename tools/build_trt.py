@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from repvgg_tools.cli.common import EXIT_USAGE, Parser, error  # noqa: E402
-from repvgg_tools.paths import CheckpointError, check_output_path  # noqa: E402  (needs the path above)
+from repvgg_tools.cli.common import EXIT_USAGE, Parser, error, run_command  # noqa: E402
+from repvgg_tools.paths import CheckpointError, check_outputs  # noqa: E402  (needs the path above)
 
 EXIT_BUILD = 1
 
@@ -53,9 +53,9 @@ def _path_error(args: argparse.Namespace, engine: Path, sidecar: Path) -> str | 
     onnx_path = Path(args.onnx)
     if not onnx_path.is_file():
         return f"{onnx_path}: no such file"
-    try:
-        for path in (engine, sidecar):
-            check_output_path(path, args.force, (onnx_path,))
+    try:  # the timing cache is read and rewritten: it may exist, but is neither the ONNX nor an output
+        check_outputs({"--engine": engine, "sidecar": sidecar}, (onnx_path,), args.force,
+                      updated={"--timing-cache": args.timing_cache})
     except CheckpointError as exc:
         return str(exc)
     if args.workspace_mb is not None and args.workspace_mb < 1:
@@ -65,6 +65,10 @@ def _path_error(args: argparse.Namespace, engine: Path, sidecar: Path) -> str | 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command(lambda: _main(args), traceback=args.traceback)
+
+
+def _main(args: argparse.Namespace) -> int:
     engine = Path(args.engine)
     sidecar = engine.with_name(engine.name + ".json")
     problem = _path_error(args, engine, sidecar)
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     from repvgg_tools.checkpoint import atomic_write
-    from repvgg_tools.export.tensorrt import BackendUnavailable, BuildFailed, BuildRefused, build_engine
+    from repvgg_tools.export.tensorrt import BackendUnavailable, BuildFailed, build_engine
 
     try:
         cache_path = Path(args.timing_cache) if args.timing_cache else None
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write(sidecar, lambda tmp: Path(tmp).write_text(text), force=args.force)
         if cache_path is not None and cache_out:
             atomic_write(cache_path, lambda tmp: Path(tmp).write_bytes(cache_out), force=True)
-    except (BackendUnavailable, BuildRefused, CheckpointError) as exc:
+    except BackendUnavailable as exc:
         error(exc)
         return EXIT_USAGE
     except BuildFailed as exc:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
-from repvgg_tools.cli.common import Parser, error  # noqa: E402  (needs the path above)
+from repvgg_tools.cli.common import Parser, error, run_command  # noqa: E402  (needs the path above)
 from repvgg_tools.timing import time_callable  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "digits_quickstart.yaml"
@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="demo_out", help="output directory (default demo_out/, replaced on each run)")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     args = p.parse_args(argv)
+    return run_command(lambda: _main(args), traceback=args.traceback)
+
+
+def _main(args: argparse.Namespace) -> int:
     out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from repvgg_tools.cli.common import Parser, error  # noqa: E402  (needs the path above)
+from repvgg_tools.cli.common import Parser, error, run_command  # noqa: E402  (needs the path above)
 
 CONVERT_MODULE = "repvgg_tools.cli.convert"
 TINY_WIDTHS, TINY_DEPTHS = (16, 16, 32, 64, 128), (1, 2, 2, 4, 1)
@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite files in --out-dir")
     parser.add_argument("--json", type=Path, help="also write the report as JSON")
     args = parser.parse_args(argv)
+    return run_command(lambda: _main(args, parser), traceback=args.traceback)
+
+
+def _main(args: argparse.Namespace, parser: Parser) -> int:
     if args.image_size < 64 or args.steps < 0 or args.num_images < 1 or args.latency_runs < 1:
         parser.error("need --image-size >= 64, --steps >= 0, --num-images >= 1, --latency-runs >= 1")
 
@@ -142,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from repvgg_tools import load_checkpoint, reparameterize, save_checkpoint
     from repvgg_tools.checkpoint import CheckpointError, atomic_write
     from repvgg_tools.detection import compare_detections, synthetic_shapes
+    from repvgg_tools.paths import check_outputs
     from repvgg_tools.verify import compare_outputs
 
     if args.threads:
@@ -151,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not out_dir.is_dir():
             raise CheckpointError(f"{out_dir}: not a directory")
+        train_ckpt, deploy_ckpt = out_dir / "detector_train.pth", out_dir / "detector_deploy.pth"
+        onnx_path = out_dir / "backbone_features.onnx"
+        check_outputs({"training checkpoint": train_ckpt, "deploy checkpoint": deploy_ckpt, "ONNX": onnx_path,
+                       "--json": args.json}, (), args.force)  # every output, before hours of training
         model = build(args, deploy=False)
         images, targets = synthetic_shapes(args.num_images, args.image_size, args.num_classes, seed=0)
         targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
@@ -180,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
             in_memory = compare_detections(ref, deployed(test_images), box_tol=box_tol, score_tol=1e-5)
             in_memory["backbone_max_rel_err"] = compare_outputs(deployed.backbone.body(x), ref_feats)[1]
 
-        train_ckpt, deploy_ckpt = out_dir / "detector_train.pth", out_dir / "detector_deploy.pth"
         save_checkpoint(model.state_dict(), train_ckpt, force=args.force)
         via_cli = None
         if convert_with_cli(train_ckpt, deploy_ckpt, args.force) is not None:
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             plain.load_state_dict(state.get("state_dict", state), strict=True)
             with torch.no_grad():
                 via_cli = compare_detections(ref, plain(test_images), box_tol=box_tol, score_tol=1e-5)
-        onnx_report = export_features(deployed.backbone.body, out_dir / "backbone_features.onnx",
+        onnx_report = export_features(deployed.backbone.body, onnx_path,
                                       args.image_size, args.force)
 
         one = x[:1]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from repvgg_tools.cli.common import Parser  # noqa: E402
+from repvgg_tools.cli.common import Parser, run_command  # noqa: E402
 
 DEFAULT_MODELS = [
     "tv:resnet18", "tv:mobilenet_v3_small", "tv:efficientnet_b0", "tv:regnet_x_400mf", "tv:shufflenet_v2_x0_5",
@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="also write sweep.json and sweep.md into this folder")
     p.add_argument("--force", action="store_true", help="overwrite sweep.json and sweep.md in --out")
     args = p.parse_args(argv)
+    return run_command(lambda: _main(args, p), traceback=args.traceback)
+
+
+def _main(args: argparse.Namespace, p: Parser) -> int:
     bad = [s for s in args.models if s.partition(":")[0] not in ("tv", "timm") or not s.partition(":")[2]]
     if bad:
         p.error(f"--models: {', '.join(bad)}: write tv:NAME or timm:NAME")

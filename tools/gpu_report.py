@@ -266,7 +266,13 @@ def _check(args) -> torch.device:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from repvgg_tools.cli.common import run_command
+
     args = build_parser().parse_args(argv)
+    return run_command(lambda: _main(args), traceback=args.traceback)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         device = _check(args)
         budget = TimeBudget(args.budget_s, start=_T0, reserve_s=min(REPORT_RESERVE_S, args.budget_s / 20))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from repvgg_tools.cli.common import EXIT_USAGE, Parser, error  # noqa: E402  (needs the path above)
+from repvgg_tools.cli.common import EXIT_USAGE, Parser, error, run_command  # noqa: E402  (needs the path above)
 
 FAMILIES = ("repvgg", "qarepvgg")
 DATASETS = ("digits", "shapes")
@@ -449,6 +449,10 @@ def _finite(obj):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_command(lambda: _main(args, argv), traceback=args.traceback)
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     out = Path(args.out)
     try:
         check_outputs(out, args.force)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from repvgg_tools.cli.common import Parser, error  # noqa: E402  (needs the path above)
+from repvgg_tools.cli.common import Parser, error, run_command  # noqa: E402  (needs the path above)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-recipe", action="store_true", help="print the full recipe as JSON and exit")
     parser.add_argument("--quiet", action="store_true", help="log warnings only")
     args = parser.parse_args(argv)
+    return run_command(lambda: _main(args), traceback=args.traceback)
+
+
+def _main(args: argparse.Namespace) -> int:
 
     from repvgg_tools.checkpoint import CheckpointError
     from repvgg_tools.training import RecipeError, load_recipe, train
@@ -47,9 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, CheckpointError, ValueError) as exc:
         error(exc)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
     if rank == 0 and result["last"] is not None:
         print(f"done: best val top-1 {result['best_top1']:.2f}%, checkpoint {result['checkpoint']}")
     return 0

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .common import EXIT_OK, EXIT_USAGE, EXIT_VERIFY, Parser, error, one_line
+from .common import EXIT_OK, EXIT_USAGE, EXIT_VERIFY, Parser, error, one_line, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT (and the --json file) if present")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE ('-' for stdout)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only errors")
-    p.add_argument("--traceback", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -63,19 +62,26 @@ def _write_json(path: str, data: dict, force: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit code."""
     args = build_parser().parse_args(argv)
+    return run_command(lambda: _main(args), traceback=args.traceback)
+
+
+def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
-    from ..checkpoint import CheckpointError, check_output_path
-    from ..convert import ConversionError, VerificationError, convert_file
+    from ..paths import check_outputs
 
     if args.model is None and (args.export_onnx or args.input_shape):
         error("--export-onnx and --input-shape need --model")
         return EXIT_USAGE
+    # every output against every other and against the input, before anything is written
+    json_file = None if args.json == "-" else args.json  # '-': stdout
+    check_outputs({"OUTPUT": args.output, "--json": json_file, "--export-onnx": args.export_onnx}, (args.input,),
+                  args.force)
+    if args.model is not None:
+        return _convert_user_model(args)
+    from ..convert import VerificationError, convert_file
+
     try:
-        if args.model is not None:
-            return _convert_user_model(args)
-        if args.json not in (None, "-"):
-            check_output_path(args.json, args.force, (args.input, args.output))
         report = convert_file(
             args.input, args.output, arch=args.arch, layout=args.layout, out_layout=args.out_layout, ema=args.ema,
             verify=args.verify, force=args.force, progress=not args.quiet, rtol=args.rtol, bn_eps=args.bn_eps,
@@ -88,32 +94,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             _write_json(args.json, {**report.as_dict(), "exit_code": EXIT_VERIFY}, force=args.force)
         return EXIT_VERIFY
-    except (CheckpointError, ConversionError, ValueError, OSError) as exc:
-        if args.traceback:
-            raise
-        error(exc)
-        return EXIT_USAGE
-    except Exception as exc:  # a bug, not the user's fault: still one line, with a way to see more
-        if args.traceback:
-            raise
-        error(f"internal error ({type(exc).__name__}: {one_line(exc)}); rerun with --traceback")
-        return EXIT_USAGE
     if not args.quiet:
         print("\n".join(report.summary_lines()))
         print(f"wrote {args.output}")
     if args.json:
-        try:
-            _write_json(args.json, {**report.as_dict(), "exit_code": EXIT_OK}, force=args.force)
-        except (CheckpointError, OSError) as exc:
-            error(exc)
-            return EXIT_USAGE
+        _write_json(args.json, {**report.as_dict(), "exit_code": EXIT_OK}, force=args.force)
     return EXIT_OK
 
 
 def _convert_user_model(args: argparse.Namespace) -> int:
     """``--model``: the user's network through the graph fuser (``graph_convert.convert_user_model``); input errors
     propagate to :func:`main`, which reports them like every other input error."""
-    from ..checkpoint import check_output_path
     from ..graph_convert import FusionVerificationError, convert_user_model
 
     unsupported = [flag for flag, given in (("--arch", args.arch), ("--layout", args.layout),
@@ -122,9 +113,6 @@ def _convert_user_model(args: argparse.Namespace) -> int:
         error(f"{', '.join(unsupported)} do not apply with --model (your code builds the model)")
         return EXIT_USAGE
     try:
-        for path in (args.json if args.json not in (None, "-") else None, args.export_onnx):
-            if path is not None:
-                check_output_path(path, args.force, (args.input, args.output))
         report = convert_user_model(args.model, args.input, args.output, export_onnx=args.export_onnx,
                                     force=args.force, verify=args.verify, ema=args.ema,
                                     input_shape=args.input_shape, **({"rtol": args.rtol} if args.rtol else {}))

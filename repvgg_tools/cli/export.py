@@ -17,7 +17,7 @@ from torch import nn
 
 __all__ = ["main", "build_parser", "load_deploy_model", "features_model", "export_checkpoint"]
 
-from .common import EXIT_USAGE, EXIT_VERIFY, Parser, error
+from .common import EXIT_VERIFY, Parser, error, run_command
 
 log = logging.getLogger("repvgg_tools.cli.export")
 
@@ -165,16 +165,15 @@ def export_checkpoint(args: argparse.Namespace) -> tuple[dict, bool]:
     Raises:
         UsageError, CheckpointError, ExportError, PrecisionError: input or usage problems (exit 2).
     """
-    from ..checkpoint import CheckpointError, atomic_write, check_output_path
+    from ..checkpoint import CheckpointError, atomic_write
     from ..export.onnx import export_onnx, model_io, onnx_session, op_counts, save_onnx, torch_outputs, verify_onnx
     from ..export.precision import to_fp16
+    from ..paths import check_outputs
 
     out = Path(args.output)
     if not Path(args.checkpoint).exists():
         raise CheckpointError(f"{args.checkpoint}: no such file")
-    check_output_path(out, args.force, (args.checkpoint,))
-    if args.json:
-        check_output_path(args.json, args.force, (args.checkpoint, args.output))
+    check_outputs({"OUTPUT": out, "--json": args.json}, (args.checkpoint,), args.force)
     if args.input_size < 8 or args.batch < 1 or args.calib_samples < 1:
         raise UsageError("--input-size must be >= 8, --batch and --calib-samples >= 1")
     if args.out_indices and not args.features:
@@ -359,20 +358,18 @@ def _print_report(report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``repvgg-export``; returns the exit code."""
     args = build_parser().parse_args(argv)
+    return run_command(lambda: _main(args), traceback=args.traceback)
+
+
+def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(levelname)s: %(message)s")
-    from ..checkpoint import CheckpointError
     from ..convert import VerificationError
-    from ..export.onnx import ExportError
-    from ..export.precision import PrecisionError
 
     try:
         report, passed = export_checkpoint(args)
     except VerificationError as exc:
         error(f"the checkpoint's conversion failed verification ({exc}); nothing written")
         return EXIT_VERIFY
-    except (UsageError, CheckpointError, ExportError, PrecisionError, ValueError, OSError) as exc:
-        error(exc)
-        return EXIT_USAGE
     if not args.quiet:
         _print_report(report)
     if not passed:

@@ -28,6 +28,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_IMAGE_PIXELS = 50_000_000  # declared width x height above this is refused before decoding (real photos: < 50 MP)
 
 FP32_RTOL = 1e-4  # max|onnx - torch| / max|torch|
 FP16_MIN_COSINE = 0.9999
@@ -149,11 +150,26 @@ def load_images(files: Sequence[str | os.PathLike], input_size: int, channels: i
     out = np.empty((len(files), channels, input_size, input_size), dtype=np.float32)
     for i, path in enumerate(files):
         try:
-            with Image.open(path) as img:
-                img = img.convert("RGB" if channels == 3 else "L")
-                out[i] = transform(img).numpy()
-        except (UnidentifiedImageError, OSError) as exc:
-            raise PrecisionError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+            with warnings.catch_warnings():  # PIL's DecompressionBombWarning: the size check below says it in one line
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    width, height = img.size  # from the header: nothing is decoded yet
+                    if width * height > MAX_IMAGE_PIXELS:
+                        raise PrecisionError(f"{path}: declares {width}x{height} pixels, more than "
+                                             f"{MAX_IMAGE_PIXELS // 10**6} megapixels; not decoded (damaged or "
+                                             "hostile file?)")
+                    img = img.convert("RGB" if channels == 3 else "L")
+                    out[i] = transform(img).numpy()
+        except PrecisionError:
+            raise
+        except Image.DecompressionBombError:
+            raise PrecisionError(f"{path}: declares more than {MAX_IMAGE_PIXELS // 10**6} megapixels; not decoded "
+                                 "(damaged or hostile file?)") from None
+        except UnidentifiedImageError:
+            raise PrecisionError(f"{path}: not a readable image (unknown format)") from None
+        except Exception as exc:  # noqa: BLE001 - a damaged file raises OSError, SyntaxError, struct.error, ...
+            raise PrecisionError(f"{path}: not a readable image ({type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())[:200]})") from None
     return out
 
 
