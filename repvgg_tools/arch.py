@@ -338,6 +338,10 @@ def resolve_arch(canon: Mapping[str, Tensor], arch: str | None, hints: ArchHints
                    "model_kwargs={'output_stride': 8 or 16} (repvgg-export --output-stride)")
 
     def build_spec(deploy: bool) -> nn.Module:
-        return spec.build(deploy, **kwargs)
+        try:
+            return spec.build(deploy, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ConversionError(f"the checkpoint's model_kwargs {kwargs} do not fit {spec.describe()} "
+                                  f"({exc})") from None
 
     return Arch(spec.describe(), spec.num_classes, build_spec, spec.in_chans, unknown)

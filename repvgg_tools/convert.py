@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .arch import ArchHints, checkpoint_hints
@@ -43,6 +44,7 @@ __all__ = ["ConversionError", "VerificationError", "ConversionReport", "convert_
 
 log = logging.getLogger(__name__)
 
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DEFAULT_BN_EPS = 1e-5  # torch.nn.BatchNorm2d's, which every supported project uses unless configured otherwise
 OURS = LAYOUTS["ours"]
 
@@ -122,6 +124,11 @@ def _convert(sd, arch, layout, out_layout, verify, inplace, hints, rtol, bn_eps,
     for k, v in sd.items():
         if not isinstance(v, Tensor):
             raise ConversionError(f"{k}: not a tensor ({type(v).__name__})")
+        if v.layout != torch.strided or v.is_quantized or not (v.dtype in WEIGHT_DTYPES or not (
+                v.is_floating_point() or v.is_complex())):
+            kind = str(v.dtype).replace("torch.", "") + ("" if v.layout == torch.strided else f" {v.layout}")
+            raise ConversionError(f"{k}: a {kind} tensor; weights must be dense float16, bfloat16, float32 or "
+                                  "float64")
     eps, eps_source = _bn_eps(bn_eps, hints)
     detected = detect_layout(sd)
     vgg = layout == "torchvision" or (layout in (None, "ours") and detected == "torchvision")

@@ -188,7 +188,10 @@ def _block_context(sd: Mapping[str, Tensor], blocks: list[Block], layout: Layout
     positions = sorted((layout.parse_position(b.prefix)[1:], b) for b in blocks)
     context, in_ch = {}, None
     for (stage, j), b in positions:
-        w = sd[b.keys["reparam.weight" if b.deployed else "branch_3x3.conv.weight"]]
+        key = b.keys["reparam.weight" if b.deployed else "branch_3x3.conv.weight"]
+        w = sd[key]
+        if w.dim() != 4:
+            raise ConversionError(f"{key} has shape {tuple(w.shape)}, not (C_out, C_in/groups, k, k)")
         in_ch = w.shape[1] if in_ch is None else in_ch
         context[b.prefix] = (in_ch, strides[stage] if j == 0 and stage < len(strides) else 1)
         in_ch = w.shape[0]

@@ -63,7 +63,11 @@ def _first_conv_weight(sd):
 
 
 # ------------------------------------------------------------------------------------------------ damaged checkpoints
-@pytest.mark.parametrize("case", ["0-d weight", "float8 weight", "complex weights", "unknown model_kwargs"])
+DAMAGE = {"0-d weight": "has shape ()", "float8 weight": "float8_e4m3fn tensor", "complex weights": "complex64 tensor",
+          "unknown model_kwargs": "model_kwargs {'bogus': 1} do not fit"}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
 def test_export_damaged_checkpoint_is_one_line_and_writes_nothing(tmp_path, tiny_sd, case):
     sd, extra = dict(tiny_sd), {}
     key = _first_conv_weight(sd)
@@ -80,6 +84,7 @@ def test_export_damaged_checkpoint_is_one_line_and_writes_nothing(tmp_path, tiny
     for command in ("repvgg_tools.cli.export", "repvgg_tools.cli.convert"):
         proc = run(command, ckpt, out, *(("--input-size", 32) if command.endswith("export") else ()))
         one_line_error(proc, EXIT_USAGE)
+        assert DAMAGE[case] in proc.stderr and "internal error" not in proc.stderr, proc.stderr  # says what is wrong
         assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth"]
 
 
