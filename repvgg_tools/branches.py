@@ -134,9 +134,14 @@ def block_parts(sd: Mapping[str, Tensor], b: Block, in_channels: int | None = No
     return BlockParts(main, side, identity, identity_bn, groups, post_bn)
 
 
-def fuse_into(out_w: Tensor, out_b: Tensor, parts: BlockParts, eps: float, where: str) -> None:
+def fuse_into(out_w: Tensor, out_b: Tensor, parts: BlockParts, eps: float, where: str,
+              exact: tuple[Tensor, Tensor] | None = None) -> None:
     """Fuse ``BN(conv(x)) [+ BN(conv1x1(x))] [+ BN(x)]`` into ``(out_w, out_b)``, a chunk of output channels at a
     time; ``out_w`` may be the main kernel itself (each chunk is read before it is written).
+
+    ``exact``: float64 ``(kernel, bias)`` shaped like ``(out_w, out_b)`` that also receive the fusion, unrounded (the
+    verifier's check that the fusion is exact and that ``out_w``/``out_b`` are it rounded once); ``None`` keeps
+    nothing in float64 beyond one chunk.
 
     Raises:
         ConversionError: NaN or Inf in a conv weight (names ``where``).
@@ -161,6 +166,9 @@ def fuse_into(out_w: Tensor, out_b: Tensor, parts: BlockParts, eps: float, where
         # (finite fp32-range values cannot overflow it), so one reduction over the result finds it
         if not bool(torch.isfinite(k.sum())):
             raise ConversionError(f"{where}: the conv weights contain NaN or Inf values")
+        if exact is not None:
+            exact[0][sl].copy_(k)
+            exact[1][sl].copy_(b)
         out_w[sl].copy_(k)  # copy_ rounds to the output dtype once, without another temporary
         out_b[sl].copy_(b)
 

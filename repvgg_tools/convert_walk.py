@@ -79,10 +79,14 @@ class Job:
         w = parts.main.kernel
         kernel = w if self.inplace and kernel_key not in self.shared else torch.empty_like(w)
         bias = torch.empty(w.shape[0], dtype=w.dtype, device=w.device)
-        probe = verifier.before(parts) if verifier else None
-        fuse_into(kernel, bias, parts, self.eps, where)
-        if verifier:
-            verifier.after(probe, kernel, bias)
+        if verifier is None:
+            fuse_into(kernel, bias, parts, self.eps, where)
+            return kernel, bias
+        probe = verifier.before(parts)
+        # the unrounded float64 fusion, for the verifier only (without verification nothing float64 is kept)
+        exact = verifier.exact_buffers(w)
+        fuse_into(kernel, bias, parts, self.eps, where, exact)
+        verifier.after(probe, kernel, bias, exact, where)
         return kernel, bias
 
     def consume(self, keys: dict[str, str], keep: tuple[str, ...]) -> None:

@@ -33,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-layout", choices=LAYOUT_NAMES, help="output layout (default: the input's)")
     p.add_argument("--ema", action="store_true", help="convert the EMA weights (model_ema/state_dict_ema/ema)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the equivalence check (faster)")
-    p.add_argument("--rtol", type=float, help="verification tolerance, max|a-b|/max|b| (default: by the weights' "
-                   "dtype: 1e-5 for float32, 1e-2 float16, 5e-2 bfloat16, 1e-12 float64)")
+    p.add_argument("--rtol", type=float, help="tolerance of the fusion check, max|a-b|/max|b| between the training "
+                   "form and the deploy form with the unrounded float64 fused weights, both in float64 (default 1e-10, "
+                   "any dtype; the written weights must also be that fusion rounded once, exactly; the forward with "
+                   "the written weights is reported, not judged). With --model: the graph fuser's float64 tolerance")
     p.add_argument("--bn-eps", type=float, metavar="EPS", help="BatchNorm epsilon the model was trained with "
                    "(default: the checkpoint's bn_eps entry, else 1e-5, PyTorch's default)")
     p.add_argument("--model", metavar="PKG.MODULE:FACTORY", help="your own network: import FACTORY from your code "
