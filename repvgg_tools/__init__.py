@@ -14,11 +14,11 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "ConvBN": "blocks", "RepVGGBlock": "blocks", "QARepVGGBlock": "blocks", "SEBlock": "blocks",
-    "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint", "read_state_dict": "checkpoint",
-    "save_checkpoint": "checkpoint",
-    "ConversionError": "convert", "VerificationError": "convert", "convert_file": "convert",
-    "convert_state_dict": "convert", "load_model": "convert",
-    "convert_user_model": "graph_convert", "FuseReport": "graph_fuser", "graph_fuse": "graph_fuser",
+    "CheckpointError": "io.checkpoint", "load_checkpoint": "io.checkpoint", "read_state_dict": "io.checkpoint",
+    "save_checkpoint": "io.checkpoint",
+    "ConversionError": "conversion.api", "VerificationError": "conversion.api", "convert_file": "conversion.api",
+    "convert_state_dict": "conversion.api", "load_model": "conversion.api",
+    "convert_user_model": "fx.convert", "FuseReport": "fx.fuser", "graph_fuse": "fx.fuser",
     "create_model": "models", "list_models": "models", "register_model": "models",
     "fold_conv_bn": "reparam", "reparameterize": "reparam",
     "VerifyResult": "verify", "randomize_batchnorm": "verify", "verify_equivalence": "verify",
@@ -28,10 +28,16 @@ __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:  # what IDEs and type checkers see (the names are re-exported through __all__)
     from .blocks import ConvBN, QARepVGGBlock, RepVGGBlock, SEBlock  # noqa: F401
-    from .checkpoint import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint  # noqa: F401
-    from .convert import ConversionError, VerificationError, convert_file, convert_state_dict, load_model  # noqa: F401
-    from .graph_convert import convert_user_model  # noqa: F401
-    from .graph_fuser import FuseReport, graph_fuse  # noqa: F401
+    from .conversion.api import (  # noqa: F401
+        ConversionError,
+        VerificationError,
+        convert_file,
+        convert_state_dict,
+        load_model,
+    )
+    from .fx.convert import convert_user_model  # noqa: F401
+    from .fx.fuser import FuseReport, graph_fuse  # noqa: F401
+    from .io.checkpoint import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint  # noqa: F401
     from .models import create_model, list_models, register_model  # noqa: F401
     from .reparam import fold_conv_bn, reparameterize  # noqa: F401
     from .verify import VerifyResult, randomize_batchnorm, verify_equivalence  # noqa: F401

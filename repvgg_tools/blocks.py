@@ -1,6 +1,6 @@
 """Building blocks: conv+BN, squeeze-excitation, the RepVGG block and the QARepVGG block.
 
-Blocks only gather tensors; the arithmetic of re-parameterization lives in :mod:`repvgg_tools.fusion`.
+Blocks only gather tensors; the arithmetic of re-parameterization lives in :mod:`repvgg_tools.fusion.core`.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import fusion
+from .fusion import core as fusion
 
 __all__ = ["ConvBN", "SEBlock", "RepVGGBlock", "QARepVGGBlock", "bn_tensors", "conv_bn_kernel_bias"]
 

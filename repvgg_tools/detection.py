@@ -130,7 +130,7 @@ def repvgg_fasterrcnn(
         fpn_channels: FPN width.
         anchor_sizes: one base anchor size per pyramid level (default 32, 64, ...); use small ones for small images.
         deploy: build the plain backbone (to load a converted checkpoint).
-        frozen_stages, norm_eval: fine-tuning options of the backbone (see :mod:`repvgg_tools.features`).
+        frozen_stages, norm_eval: fine-tuning options of the backbone (see :mod:`repvgg_tools.models.features`).
         backbone_kwargs: more ``create_model`` options (``in_chans``, ``use_1x1``...).
         **kwargs: ``FasterRCNN`` options (``min_size``, ``max_size``, ``box_score_thresh``...).
     """

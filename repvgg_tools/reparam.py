@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from .blocks import conv_bn_kernel_bias
-from .graph_fuser import FuseReport, graph_fuse
-from .graph_trace import FusionTracer
+from .fx.fuser import FuseReport, graph_fuse
+from .fx.trace import FusionTracer
 
 __all__ = ["reparameterize", "fold_conv_bn", "call_deploy_methods", "METHOD_NAMES"]
 
@@ -41,7 +41,7 @@ def reparameterize(
     2. Conv2d->BatchNorm2d folding: inside an ``nn.Sequential`` the BN entry is removed (index-named entries are
        renumbered, so ``vgg16_bn`` becomes exactly the ``vgg16`` layout); elsewhere pairs found by tracing with
        ``torch.fx`` fold and the BN becomes ``nn.Identity`` (only a BN that nothing else reads).
-    3. The graph fuser (``graph``, :func:`repvgg_tools.graph_fuser.graph_fuse`): every remaining linear sub-graph
+    3. The graph fuser (``graph``, :func:`repvgg_tools.fx.fuser.graph_fuse`): every remaining linear sub-graph
        (branch sums, BN-only and identity branches, 1x1->kxk chains, average pools, layer scales...) becomes the
        single conv it equals, each checked in float64 before it is swapped in; blocks without any method fuse too.
 
@@ -55,7 +55,7 @@ def reparameterize(
         graph: run the graph fuser.
         example_inputs: inputs of one forward call for the graph fuser (default: a 64x64 image sized from the first
             Conv2d).
-        report: also return the graph fuser's :class:`~repvgg_tools.graph_fuser.FuseReport`.
+        report: also return the graph fuser's :class:`~repvgg_tools.fx.fuser.FuseReport`.
 
     Returns:
         The re-parameterized model (``model`` itself when ``inplace``, unless replaced), or ``(model, report)``.

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .bench.timing import time_callable
 from .reparam import reparameterize
-from .timing import time_callable
 from .verify import compare_outputs
 
 __all__ = ["CPU_BACKENDS", "CpuRunner", "fastest_cpu_runner"]

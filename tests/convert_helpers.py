@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from repvgg_tools import randomize_batchnorm, verify_equivalence
-from repvgg_tools.layouts import LAYOUTS, rename_layout
+from repvgg_tools.conversion.layouts import LAYOUTS, rename_layout
 from repvgg_tools.models import RepVGG
 
 OURS = LAYOUTS["ours"]

@@ -33,7 +33,7 @@ from torch import nn
 from torch.func import functional_call
 
 from repvgg_tools import create_model, randomize_batchnorm
-from repvgg_tools.layouts import LAYOUTS, rename_layout
+from repvgg_tools.conversion.layouts import LAYOUTS, rename_layout
 
 OURS, MMPRETRAIN = LAYOUTS["ours"], LAYOUTS["mmpretrain"]
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from repvgg_tools.checkpoint import (
+from repvgg_tools.io.checkpoint import (
     CheckpointError,
     atomic_write,
     load_checkpoint,

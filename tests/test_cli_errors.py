@@ -17,8 +17,8 @@ import torch
 
 from repvgg_tools import randomize_batchnorm
 from repvgg_tools.cli.common import EXIT_USAGE, EXIT_VERIFY, run_command
+from repvgg_tools.io.paths import CheckpointError, check_outputs
 from repvgg_tools.models import RepVGG
-from repvgg_tools.paths import CheckpointError, check_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(widths=(8, 16, 16, 32, 64), depths=(1, 1, 2, 2, 1), num_classes=10)

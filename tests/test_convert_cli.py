@@ -12,7 +12,7 @@ import torch
 from convert_helpers import OURS, Detector, assert_deploy_equivalent, tiny
 
 from repvgg_tools import randomize_batchnorm, verify_equivalence
-from repvgg_tools.layouts import LAYOUTS, rename_layout
+from repvgg_tools.conversion.layouts import LAYOUTS, rename_layout
 
 
 def run_cli(*args, script: bool = False) -> subprocess.CompletedProcess:

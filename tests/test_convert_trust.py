@@ -12,10 +12,10 @@ from convert_helpers import OURS, Detector, assert_deploy_equivalent, tiny
 from torch import nn
 
 from repvgg_tools import randomize_batchnorm, verify_equivalence
-from repvgg_tools.checkpoint import atomic_write, shared_memory_keys
 from repvgg_tools.cli import convert as convert_cli
-from repvgg_tools.convert import ConversionError, convert_state_dict, load_model
-from repvgg_tools.layouts import LAYOUTS, rename_layout
+from repvgg_tools.conversion.api import ConversionError, convert_state_dict, load_model
+from repvgg_tools.conversion.layouts import LAYOUTS, rename_layout
+from repvgg_tools.io.checkpoint import atomic_write, shared_memory_keys
 
 
 def run_cli(module: str, *args) -> subprocess.CompletedProcess:
@@ -160,7 +160,7 @@ def test_bn_eps_from_metadata_and_flag(tmp_path):
 # ---------------------------------------------------------------------------------------- the verifier fails
 def _break_fusion(monkeypatch, how: str) -> None:
     """Make the fusion write a wrong answer: one kernel tap off, or a bias off by 1e-3 relative."""
-    from repvgg_tools import fusion
+    from repvgg_tools.fusion import core as fusion
 
     real = fusion.fuse_branches
 

@@ -24,8 +24,8 @@ from repvgg_tools.detection import (  # noqa: E402
     repvgg_retinanet,
     synthetic_shapes,
 )
-from repvgg_tools.features import load_backbone_weights  # noqa: E402
 from repvgg_tools.models import RepVGG  # noqa: E402
+from repvgg_tools.models.features import load_backbone_weights  # noqa: E402
 from repvgg_tools.verify import compare_outputs, randomize_batchnorm  # noqa: E402
 
 SIZE = 96

@@ -7,8 +7,13 @@ import torch
 from torch import nn
 
 from repvgg_tools import create_model, load_checkpoint, reparameterize, save_checkpoint
-from repvgg_tools.features import FeatureInfo, load_backbone_weights, normalize_out_indices, output_stride_schedule
 from repvgg_tools.models import RepVGG
+from repvgg_tools.models.features import (
+    FeatureInfo,
+    load_backbone_weights,
+    normalize_out_indices,
+    output_stride_schedule,
+)
 from repvgg_tools.verify import randomize_batchnorm
 
 TINY = dict(widths=(8, 16, 16, 32, 48), depths=(1, 2, 2, 3, 1))

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from repvgg_tools import randomize_batchnorm, reparameterize
-from repvgg_tools.checkpoint import CheckpointError, save_checkpoint
-from repvgg_tools.graph_convert import FusionVerificationError, convert_user_model, load_factory
-from repvgg_tools.layouts import ConversionError
+from repvgg_tools.conversion.layouts import ConversionError
+from repvgg_tools.fx.convert import FusionVerificationError, convert_user_model, load_factory
+from repvgg_tools.io.checkpoint import CheckpointError, save_checkpoint
 from repvgg_tools.verify import compare_outputs
 
 USER_CODE = textwrap.dedent('''
@@ -100,7 +100,7 @@ def test_convert_user_model_refuses_bad_inputs(user_model, tmp_path):
 def test_convert_user_model_verification_catches_a_wrong_fusion(user_model, tmp_path, monkeypatch):
     """Hand the checker a wrong answer (one fused weight perturbed): it must fail and write nothing."""
     _, ckpt, _ = user_model
-    import repvgg_tools.graph_convert as gc
+    import repvgg_tools.fx.convert as gc
 
     real = gc.reparameterize
 

@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repvgg_tools import graph_match, graph_plan, randomize_batchnorm
-from repvgg_tools.graph_check import float64_modules, grouped_conv2d
-from repvgg_tools.graph_fuser import graph_fuse
-from repvgg_tools.graph_trace import FusionTracer, Traced, run_for_shapes
+from repvgg_tools import randomize_batchnorm
+from repvgg_tools.fx import match as graph_match
+from repvgg_tools.fx import plan as graph_plan
+from repvgg_tools.fx.check import float64_modules, grouped_conv2d
+from repvgg_tools.fx.fuser import graph_fuse
+from repvgg_tools.fx.trace import FusionTracer, Traced, run_for_shapes
 from repvgg_tools.verify import compare_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -44,7 +44,7 @@ def test_sweep_reports_real_fusions(tmp_path, capsys):
 
 def test_sweep_fails_a_wrong_fusion(monkeypatch, capsys):
     """Hand the sweep a fuser whose result is off by 1e-3 in one weight: it must say FAILED and exit 1."""
-    from repvgg_tools import graph_fuser
+    from repvgg_tools.fx import fuser as graph_fuser
 
     real = graph_fuser.graph_fuse
 

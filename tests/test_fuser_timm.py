@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from repvgg_tools import randomize_batchnorm
-from repvgg_tools.graph_fuser import graph_fuse
+from repvgg_tools.fx.fuser import graph_fuse
 from repvgg_tools.verify import compare_outputs
 
 timm = pytest.importorskip("timm")

@@ -2,7 +2,7 @@
 
 Blocks come from ``fuser_zoo_blocks`` (plain torch.nn, no methods). Each must fuse to its minimal number of convs
 with no BatchNorm left, fp32 within 1e-5 and float64 within 1e-12 of the training form, over shapes drawn by
-hypothesis. The math of :mod:`repvgg_tools.fusion_ops` is checked against the torch operations it replaces,
+hypothesis. The math of :mod:`repvgg_tools.fusion.ops` is checked against the torch operations it replaces,
 including the cases where it is not exact.
 """
 
@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from repvgg_tools import fusion_ops as ops
 from repvgg_tools import randomize_batchnorm, reparameterize
-from repvgg_tools.graph_fuser import graph_fuse
+from repvgg_tools.fusion import ops
+from repvgg_tools.fx.fuser import graph_fuse
 from repvgg_tools.verify import compare_outputs
 
 F64 = torch.float64
@@ -329,8 +329,8 @@ def test_in_place_op_on_a_shared_tensor_is_not_treated_as_pure():
 def test_structural_prescan():
     """A deployed network (SE gates included) needs no forward pass; a training block does."""
     from repvgg_tools import create_model
-    from repvgg_tools.graph_plan import may_fuse
-    from repvgg_tools.graph_trace import FusionTracer
+    from repvgg_tools.fx.plan import may_fuse
+    from repvgg_tools.fx.trace import FusionTracer
 
     deployed = create_model("repvgg_a0", num_classes=10, deploy=True).eval()
     se = zoo.RepVGG(4, 4)

@@ -1,4 +1,4 @@
-"""Tests of the pure tensor math in ``repvgg_tools.fusion``, against independent float64 references."""
+"""Tests of the pure tensor math in ``repvgg_tools.fusion.core``, against independent float64 references."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repvgg_tools import fusion
 from repvgg_tools.blocks import RepVGGBlock
+from repvgg_tools.fusion import core as fusion
 from repvgg_tools.verify import compare_outputs, randomize_batchnorm
 
 LOW_PRECISION = [torch.float16, torch.bfloat16]

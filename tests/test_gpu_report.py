@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from repvgg_tools.budget import Setup, Task, TimeBudget
+from repvgg_tools.bench.budget import Setup, Task, TimeBudget
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "gpu_report.py"
@@ -133,7 +133,7 @@ def test_missing_optional_packages_disable_only_their_rows(tmp_path):
 
 
 def test_equivalence_check_fails_on_a_wrong_deploy_model():
-    from repvgg_tools.device_checks import equivalence, prepare
+    from repvgg_tools.bench.device_checks import equivalence, prepare
 
     models = prepare("repvgg_a0", "cpu")
     assert equivalence(models, torch.device("cpu"), 2, 32)["passed"]
@@ -244,14 +244,14 @@ def _gpu_like_report() -> dict:
             "int8": {"error": "BuildFailed: parser"}}}},
         "plot": {"skipped": "matplotlib is not importable (No module named 'matplotlib')"},
     }
-    from repvgg_tools.device_report import ratios
+    from repvgg_tools.bench.device_report import ratios
 
     report["ratios"] = ratios(report)
     return report
 
 
 def test_gpu_report_renders_gpu_rows_and_lists_failures():
-    from repvgg_tools.device_report import failures, render
+    from repvgg_tools.bench.device_report import failures, render
 
     report = _gpu_like_report()
     assert report["ratios"]["repvgg_a0"]["deploy_vs_training_fp32"] == 2.0

@@ -30,9 +30,9 @@ from hostile_files import (
     write_zip,
 )
 
-from repvgg_tools.branches import check_finite
-from repvgg_tools.checkpoint import TEMP_TAG, CheckpointError, load_checkpoint, read_checkpoint
-from repvgg_tools.convert import ConversionError, convert_file, load_model
+from repvgg_tools.conversion.api import ConversionError, convert_file, load_model
+from repvgg_tools.conversion.branches import check_finite
+from repvgg_tools.io.checkpoint import TEMP_TAG, CheckpointError, load_checkpoint, read_checkpoint
 
 CLI = (sys.executable, "-m", "repvgg_tools.cli.convert")
 # the wrapper reports the peak RSS of the command it runs (and of nothing else) on its last stdout line

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from repvgg_tools.quant_study import (
+from repvgg_tools.bench.quant_study import (
     SHAPES_CLASSES,
     activation_statistics,
     quantize_activation,

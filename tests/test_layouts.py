@@ -9,10 +9,10 @@ from convert_helpers import DEPTHS, OURS, Detector, assert_deploy_equivalent, ti
 from torch import nn
 
 from repvgg_tools import create_model, randomize_batchnorm, reparameterize, verify_equivalence
-from repvgg_tools.arch import infer_repvgg_spec, state_dict_mismatch
-from repvgg_tools.convert import ConversionError, VerificationError, convert_state_dict, load_model
-from repvgg_tools.convert_check import FUSION_RTOL
-from repvgg_tools.layouts import LAYOUTS, detect_layout, find_blocks, rename_layout
+from repvgg_tools.conversion.api import ConversionError, VerificationError, convert_state_dict, load_model
+from repvgg_tools.conversion.arch import infer_repvgg_spec, state_dict_mismatch
+from repvgg_tools.conversion.check import FUSION_RTOL
+from repvgg_tools.conversion.layouts import LAYOUTS, detect_layout, find_blocks, rename_layout
 from repvgg_tools.models import REPVGG_CONFIGS
 
 # Key names as written in each project's source: DingXiaoH/RepVGG repvgg.py (rbr_dense/rbr_1x1/rbr_identity, stage0,

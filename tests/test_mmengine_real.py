@@ -21,7 +21,7 @@ import torch
 from mmengine_runner_file import INPUT_SHAPE, MMPretrainLayoutModel
 
 from repvgg_tools import create_model, load_model
-from repvgg_tools.checkpoint import read_checkpoint
+from repvgg_tools.io.checkpoint import read_checkpoint
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -195,7 +195,7 @@ def test_the_output_reads_without_mmengine(conversion):
     assert proc.returncode == 0, proc.stderr
     code = ("import sys; sys.modules['mmengine'] = None\n"
             "import torch\n"
-            "from repvgg_tools.checkpoint import read_checkpoint\n"
+            "from repvgg_tools.io.checkpoint import read_checkpoint\n"
             f"out = torch.load({str(dst)!r}, weights_only=True)\n"
             f"contents = read_checkpoint({str(dst)!r})\n"
             "assert not contents.replaced, contents.replaced\n"

@@ -13,8 +13,8 @@ from torch import nn
 
 from repvgg_tools import create_model, randomize_batchnorm, verify_equivalence
 from repvgg_tools.blocks import QARepVGGBlock
-from repvgg_tools.convert import convert_state_dict
-from repvgg_tools.layouts import LAYOUTS, rename_layout
+from repvgg_tools.conversion.api import convert_state_dict
+from repvgg_tools.conversion.layouts import LAYOUTS, rename_layout
 from repvgg_tools.models import RepVGG
 
 OURS = LAYOUTS["ours"]

@@ -13,7 +13,7 @@ from torch import nn
 import repvgg_tools.models as zoo
 from repvgg_tools import create_model, fold_conv_bn, list_models, randomize_batchnorm, reparameterize
 from repvgg_tools.blocks import ConvBN, QARepVGGBlock, RepVGGBlock, SEBlock, bn_tensors
-from repvgg_tools.fusion import fuse_branches, fuse_qa_branches
+from repvgg_tools.fusion.core import fuse_branches, fuse_qa_branches
 from repvgg_tools.training.regularizers import custom_l2, param_groups
 from repvgg_tools.verify import compare_outputs, verify_equivalence
 

@@ -11,8 +11,8 @@ import torch
 from convert_helpers import OURS, assert_deploy_equivalent, tiny
 from real_files import RunsCode, mmengine_checkpoint, official_main_checkpoint, timm_train_checkpoint
 
-from repvgg_tools.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-from repvgg_tools.layouts import LAYOUTS, rename_layout
+from repvgg_tools.conversion.layouts import LAYOUTS, rename_layout
+from repvgg_tools.io.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
@@ -84,7 +84,7 @@ def test_timm_train_py_checkpoint(tmp_path):
 def test_timm_args_name_the_architecture(tmp_path):
     """timm saves arch="byobnet" (the class) and the model's name in args.model: the name is what resolves."""
     from repvgg_tools import create_model, randomize_batchnorm
-    from repvgg_tools.arch import checkpoint_hints
+    from repvgg_tools.conversion.arch import checkpoint_hints
 
     assert checkpoint_hints({"arch": "byobnet", "args": {"model": "repvgg_a0"}}).arch == "repvgg_a0"
     assert checkpoint_hints({"config": {"MODEL": {"ARCH": "RepVGG-B1g2"}}}).arch == "RepVGG-B1g2"

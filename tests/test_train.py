@@ -13,7 +13,7 @@ import torch
 
 from repvgg_tools import randomize_batchnorm
 from repvgg_tools.blocks import RepVGGBlock
-from repvgg_tools.checkpoint import load_checkpoint, save_checkpoint
+from repvgg_tools.io.checkpoint import load_checkpoint, save_checkpoint
 from repvgg_tools.training import custom_l2, load_recipe, param_groups, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from repvgg_tools import fusion, randomize_batchnorm, reparameterize, verify_equivalence
+from repvgg_tools import randomize_batchnorm, reparameterize, verify_equivalence
+from repvgg_tools.fusion import core as fusion
 from repvgg_tools.models import RepVGG
 from repvgg_tools.verify import DEFAULT_RTOL, VerifyResult, compare_outputs, flatten_outputs
 

@@ -10,10 +10,12 @@ import torch
 from convert_helpers import Detector, tiny
 from torch import nn
 
-from repvgg_tools import convert_walk, fusion, randomize_batchnorm
-from repvgg_tools.branches import BranchBN
-from repvgg_tools.convert import VerificationError, convert_state_dict
-from repvgg_tools.convert_check import FUSION_RTOL
+from repvgg_tools import randomize_batchnorm
+from repvgg_tools.conversion import walk as convert_walk
+from repvgg_tools.conversion.api import VerificationError, convert_state_dict
+from repvgg_tools.conversion.branches import BranchBN
+from repvgg_tools.conversion.check import FUSION_RTOL
+from repvgg_tools.fusion import core as fusion
 
 MODES = ["model", "blocks"]
 

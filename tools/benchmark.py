@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
+from repvgg_tools.bench.timing import count_flops, time_callable, time_cuda  # noqa: E402
 from repvgg_tools.cli.common import Parser, error, run_command  # noqa: E402  (needs the path above)
-from repvgg_tools.timing import count_flops, time_callable, time_cuda  # noqa: E402
 
 TIMM_NAMES = {"repvgg_a0": "repvgg_a0", "repvgg_a1": "repvgg_a1", "repvgg_a2": "repvgg_a2", "repvgg_b0": "repvgg_b0",
               "repvgg_b1": "repvgg_b1", "repvgg_b1g4": "repvgg_b1g4", "repvgg_b2": "repvgg_b2",
@@ -116,7 +116,7 @@ def bench_model(name: str, args) -> dict:
 
 CONVERT_OURS = """
 import json, sys, time
-from repvgg_tools.convert import convert_file
+from repvgg_tools.conversion.api import convert_file
 def status(field):  # VmHWM is this process's own peak (ru_maxrss can carry the parent's across fork+exec)
     for line in open('/proc/self/status'):
         if line.startswith(field): return int(line.split()[1]) * 1024
@@ -265,7 +265,7 @@ def summarize(name: str, res: dict) -> dict:
 
 
 def write_report(report: dict, out: Path) -> None:
-    from repvgg_tools.checkpoint import atomic_write
+    from repvgg_tools.io.checkpoint import atomic_write
 
     m = report["machine"]
     lines = ["# repvgg-tools benchmark", "",
@@ -350,7 +350,7 @@ def plot_report(report: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from repvgg_tools.checkpoint import atomic_write
+    from repvgg_tools.io.checkpoint import atomic_write
 
     names = list(report["models"])
     forms = []
@@ -412,7 +412,7 @@ def bench_fuser(names=FUSER_MODELS, repeats: int = 7, size: int = 64) -> dict:
     from timm.utils.model import reparameterize_model
 
     from repvgg_tools import randomize_batchnorm
-    from repvgg_tools.graph_fuser import graph_fuse
+    from repvgg_tools.fx.fuser import graph_fuse
     from repvgg_tools.verify import compare_outputs
 
     def counts(m):

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from repvgg_tools.cli.common import EXIT_USAGE, Parser, error, run_command  # noqa: E402
-from repvgg_tools.paths import CheckpointError, check_outputs  # noqa: E402  (needs the path above)
+from repvgg_tools.io.paths import CheckpointError, check_outputs  # noqa: E402  (needs the path above)
 
 EXIT_BUILD = 1
 
@@ -76,8 +76,8 @@ def _main(args: argparse.Namespace) -> int:
         error(problem)
         return EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
-    from repvgg_tools.checkpoint import atomic_write
     from repvgg_tools.export.tensorrt import BackendUnavailable, BuildFailed, build_engine
+    from repvgg_tools.io.checkpoint import atomic_write
 
     try:
         cache_path = Path(args.timing_cache) if args.timing_cache else None

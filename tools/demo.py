@@ -20,8 +20,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
+from repvgg_tools.bench.timing import time_callable  # noqa: E402
 from repvgg_tools.cli.common import Parser, error, run_command  # noqa: E402  (needs the path above)
-from repvgg_tools.timing import time_callable  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "digits_quickstart.yaml"
 MIN_ACCURACY = 95.0
@@ -98,7 +98,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from repvgg_tools.checkpoint import atomic_write
+    from repvgg_tools.io.checkpoint import atomic_write
 
     names = [r["form"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))

@@ -87,7 +87,7 @@ def export_features(body, path: Path, size: int, force: bool) -> dict:
 
     import torch
 
-    from repvgg_tools.checkpoint import atomic_write
+    from repvgg_tools.io.checkpoint import atomic_write
     from repvgg_tools.verify import compare_outputs
 
     body = body.eval()
@@ -144,9 +144,9 @@ def _main(args: argparse.Namespace, parser: Parser) -> int:
     import torch
 
     from repvgg_tools import load_checkpoint, reparameterize, save_checkpoint
-    from repvgg_tools.checkpoint import CheckpointError, atomic_write
     from repvgg_tools.detection import compare_detections, synthetic_shapes
-    from repvgg_tools.paths import check_outputs
+    from repvgg_tools.io.checkpoint import CheckpointError, atomic_write
+    from repvgg_tools.io.paths import check_outputs
     from repvgg_tools.verify import compare_outputs
 
     if args.threads:

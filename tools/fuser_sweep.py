@@ -51,7 +51,7 @@ def sweep_one(spec: str, size: int) -> dict:
     import torch
 
     from repvgg_tools import randomize_batchnorm
-    from repvgg_tools.graph_fuser import graph_fuse
+    from repvgg_tools.fx.fuser import graph_fuse
     from repvgg_tools.verify import compare_outputs
 
     torch.manual_seed(0)
@@ -111,7 +111,7 @@ def _main(args: argparse.Namespace, p: Parser) -> int:
               f"class kept {r['class_kept']}, max rel {r['max_rel']:.1e}, {r['seconds']:.2f} s")
               + ("" if ok else "  FAILED"), flush=True)
     if args.out:
-        from repvgg_tools.checkpoint import atomic_write
+        from repvgg_tools.io.checkpoint import atomic_write
 
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write(args.out / "sweep.json", lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)),

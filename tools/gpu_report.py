@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from repvgg_tools import device_checks as checks  # noqa: E402
-from repvgg_tools.budget import Setup, Task, TimeBudget  # noqa: E402
-from repvgg_tools.device_report import FORMS, PAPER_IPS, PRECISIONS, failures, plot, ratios, render  # noqa: E402
+from repvgg_tools.bench import device_checks as checks  # noqa: E402
+from repvgg_tools.bench.budget import Setup, Task, TimeBudget  # noqa: E402
+from repvgg_tools.bench.device_report import FORMS, PAPER_IPS, PRECISIONS, failures, plot, ratios, render  # noqa: E402
 
 TORCHVISION = checks.TORCHVISION_MODELS
 DEFAULT_MODELS = ["repvgg_a0", "repvgg_a1", "repvgg_a2", "repvgg_b0", "repvgg_b1", "repvgg_b1g4", "repvgg_b2",
@@ -281,7 +281,7 @@ def _main(args: argparse.Namespace) -> int:
 
         error(exc)
         return EXIT_USAGE
-    from repvgg_tools.checkpoint import atomic_write
+    from repvgg_tools.io.checkpoint import atomic_write
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

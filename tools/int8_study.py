@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The int8 study: RepVGG vs QARepVGG of the same size, same recipe, under PTQ (each calibration method) and QAT.
 
-For each dataset (the bundled digits; a deterministic shapes-and-textures set, repvgg_tools.quant_study) both
+For each dataset (the bundled digits; a deterministic shapes-and-textures set, repvgg_tools.bench.quant_study) both
 families are trained with one recipe and seed, fused, exported to ONNX and quantized to TensorRT-style int8 Q/DQ
 with each calibration method (calibration images never overlap the held-out images) and by quantization-aware
 fine-tuning. Reported: held-out top-1 of fp32, every PTQ method and QAT (the Q/DQ ONNX run as written on
@@ -89,7 +89,7 @@ def check_outputs(out: Path, force: bool) -> None:
     Raises:
         ValueError: (``CheckpointError`` included) with a one-line message.
     """
-    from repvgg_tools.checkpoint import check_output_path
+    from repvgg_tools.io.checkpoint import check_output_path
 
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory")
@@ -108,8 +108,8 @@ def load_data(name: str, args: argparse.Namespace) -> dict:
     """``{train, calib, test}``: each ``(images float32 NCHW, labels int64)``, plus ``classes``."""
     import numpy as np
 
+    from repvgg_tools.bench.quant_study import SHAPES_CLASSES, shapes_dataset
     from repvgg_tools.data import DIGITS_CLASSES, digits_dataset
-    from repvgg_tools.quant_study import SHAPES_CLASSES, shapes_dataset
 
     if name == "digits":
         train = digits_dataset("train", args.image_size, 3, seed=args.seed).tensors
@@ -229,7 +229,7 @@ def per_layer(deploy, proto, test_images, thresholds: dict[str, dict[str, float]
     """Weight and activation statistics of every quantized layer of a fused model: activations on held-out
     images, quantized at the thresholds each PTQ export calibrated (``{method: {tensor: threshold}}``). Layers
     named in ``identity`` fused an identity branch."""
-    from repvgg_tools.quant_study import activation_statistics, weight_statistics
+    from repvgg_tools.bench.quant_study import activation_statistics, weight_statistics
 
     layers = layer_map(proto)
     acts = layer_inputs(deploy, test_images, list(layers))
@@ -395,7 +395,7 @@ def plot(report: dict, path: Path, force: bool) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from repvgg_tools.checkpoint import atomic_write
+    from repvgg_tools.io.checkpoint import atomic_write
 
     sections = report["datasets"]
     fig, axes = plt.subplots(len(sections), 3, figsize=(16, 4.2 * len(sections)), squeeze=False)
@@ -462,8 +462,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     import torch
 
-    from repvgg_tools.checkpoint import atomic_write
-    from repvgg_tools.quant_study import SHAPES, TEXTURES
+    from repvgg_tools.bench.quant_study import SHAPES, TEXTURES
+    from repvgg_tools.io.checkpoint import atomic_write
 
     torch.set_num_threads(1 if args.smoke else max(1, min(torch.get_num_threads(), 2)))  # smoke: tiny ops
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
 
-    from repvgg_tools.checkpoint import CheckpointError
+    from repvgg_tools.io.checkpoint import CheckpointError
     from repvgg_tools.training import RecipeError, load_recipe, train
 
     rank = int(os.environ.get("RANK", "0"))

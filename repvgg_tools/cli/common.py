@@ -3,7 +3,7 @@ that turns exceptions and termination signals into them (:func:`run_command`).
 
 ``repvgg-convert``, ``repvgg-export`` and the scripts in ``tools/`` build their parsers with :class:`Parser`, run
 their bodies through :func:`run_command`, and check all their output paths at once, before anything is written, with
-:func:`repvgg_tools.paths.check_outputs`.
+:func:`repvgg_tools.io.paths.check_outputs`.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from .common import EXIT_OK, EXIT_USAGE, EXIT_VERIFY, Parser, error, one_line, r
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..layouts import LAYOUT_NAMES
+    from ..conversion.layouts import LAYOUT_NAMES
 
     p = Parser(
         prog="repvgg-convert",
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _write_json(path: str, data: dict, force: bool) -> None:
-    from ..checkpoint import atomic_write
+    from ..io.checkpoint import atomic_write
 
     text = json.dumps(data, indent=2, default=str) + "\n"
     if path == "-":
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
-    from ..paths import check_outputs
+    from ..io.paths import check_outputs
 
     if args.model is None and (args.export_onnx or args.input_shape):
         error("--export-onnx and --input-shape need --model")
@@ -81,7 +81,7 @@ def _main(args: argparse.Namespace) -> int:
                   args.force)
     if args.model is not None:
         return _convert_user_model(args)
-    from ..convert import VerificationError, convert_file
+    from ..conversion.api import VerificationError, convert_file
 
     try:
         report = convert_file(
@@ -107,7 +107,7 @@ def _main(args: argparse.Namespace) -> int:
 def _convert_user_model(args: argparse.Namespace) -> int:
     """``--model``: the user's network through the graph fuser (``graph_convert.convert_user_model``); input errors
     propagate to :func:`main`, which reports them like every other input error."""
-    from ..graph_convert import FusionVerificationError, convert_user_model
+    from ..fx.convert import FusionVerificationError, convert_user_model
 
     unsupported = [flag for flag, given in (("--arch", args.arch), ("--layout", args.layout),
                                             ("--out-layout", args.out_layout), ("--bn-eps", args.bn_eps)) if given]

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_deploy_model(path: str, arch: str | None = None, layout: str | None = None, ema: bool = False, *,
                       model_kwargs: dict | None = None, bn_eps: float | None = None) -> tuple[nn.Module, dict]:
-    """``(deploy-form model in eval mode, info)`` from a checkpoint of any layout (:func:`repvgg_tools.convert.
+    """``(deploy-form model in eval mode, info)`` from a checkpoint of any layout (:func:`repvgg_tools.conversion.api.
     load_model`: ours, official RepVGG, timm, MMPretrain, torchvision VGG; training or deploy form).
 
     A training checkpoint is converted with verification: the deploy weights are checked in float64 against the
@@ -95,7 +95,7 @@ def load_deploy_model(path: str, arch: str | None = None, layout: str | None = N
     Raises:
         VerificationError: the fused weights do not reproduce the training form.
     """
-    from ..convert import load_model
+    from ..conversion.api import load_model
 
     model, info = load_model(path, arch=arch, layout=layout, ema=ema, model_kwargs=model_kwargs, bn_eps=bn_eps,
                              verify=True)
@@ -109,8 +109,8 @@ def features_model(model, arch: str | None, out_indices):
     Raises:
         UsageError: the model has no feature levels, or bad ``out_indices``.
     """
-    from ..features import load_backbone_weights, normalize_out_indices
     from ..models import create_model, is_model
+    from ..models.features import load_backbone_weights, normalize_out_indices
 
     try:
         indices = normalize_out_indices(out_indices)
@@ -165,10 +165,10 @@ def export_checkpoint(args: argparse.Namespace) -> tuple[dict, bool]:
     Raises:
         UsageError, CheckpointError, ExportError, PrecisionError: input or usage problems (exit 2).
     """
-    from ..checkpoint import CheckpointError, atomic_write
     from ..export.onnx import export_onnx, model_io, onnx_session, op_counts, save_onnx, torch_outputs, verify_onnx
     from ..export.precision import to_fp16
-    from ..paths import check_outputs
+    from ..io.checkpoint import CheckpointError, atomic_write
+    from ..io.paths import check_outputs
 
     out = Path(args.output)
     if not Path(args.checkpoint).exists():
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(levelname)s: %(message)s")
-    from ..convert import VerificationError
+    from ..conversion.api import VerificationError
 
     try:
         report, passed = export_checkpoint(args)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write
+from ..io.checkpoint import atomic_write
 from .precision import PrecisionError, check_metrics, max_activation, output_metrics
 
 __all__ = [

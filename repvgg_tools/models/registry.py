@@ -42,7 +42,7 @@ def create_model(
         deploy: build the re-parameterized (plain) form directly.
         features_only: build a feature backbone whose ``forward`` returns a list of feature maps and that exposes
             ``feature_info``; takes ``out_indices``, ``output_stride``, ``frozen_stages``, ``norm_eval`` (see
-            :mod:`repvgg_tools.features`).
+            :mod:`repvgg_tools.models.features`).
         **kwargs: passed to the builder (e.g. ``use_1x1=False``).
 
     Raises:
@@ -53,7 +53,7 @@ def create_model(
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
     if features_only:
-        from ..features import create_features
+        from .features import create_features
 
         return create_features(name, builder, deploy=deploy, **kwargs)
     return builder(num_classes=num_classes, deploy=deploy, **kwargs)

@@ -6,7 +6,7 @@ Layout of the module tree (the "ours" checkpoint layout): ``stem`` (stage 0, one
 QARepVGG (:mod:`repvgg_tools.models.qarepvgg`) is this network with :class:`~repvgg_tools.blocks.QARepVGGBlock`.
 
 ``features_only=True`` builds the same tree without ``head`` (and without stages past the last requested level):
-``forward`` returns a list of feature maps, see :mod:`repvgg_tools.features`.
+``forward`` returns a list of feature maps, see :mod:`repvgg_tools.models.features`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from .. import features as feat
 from ..blocks import RepVGGBlock
+from . import features as feat
 from .registry import register_model
 
 __all__ = [

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from . import build
 from .config import RecipeError
 from .metrics import write_metrics
@@ -268,7 +268,8 @@ def _train(recipe: Mapping[str, Any], info: DistInfo) -> dict[str, Any]:
 def _prepare_qat(recipe: Mapping[str, Any], model: nn.Module, train_loader, info: DistInfo) -> nn.Module:
     """quant.init's weights in ``model``, fused and fake-quantized, activation scales calibrated on training batches.
 
-    A checkpoint of tools/train.py loads directly; any other layout goes through ``repvgg_tools.convert.load_model``.
+    A checkpoint of tools/train.py loads directly; any other layout goes through
+    ``repvgg_tools.conversion.api.load_model``.
     """
     init = recipe["quant"]["init"]
     ckpt = load_checkpoint(init, map_location="cpu", mmap=False)
@@ -278,7 +279,7 @@ def _prepare_qat(recipe: Mapping[str, Any], model: nn.Module, train_loader, info
             raise RuntimeError("no state dict")
         model.load_state_dict(sd)
     except RuntimeError:
-        from ..convert import load_model
+        from ..conversion.api import load_model
 
         model, meta = load_model(init)
         if meta["arch"] != recipe["model"]["arch"]:

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_write
+from ..io.checkpoint import atomic_write
 
 __all__ = ["write_metrics", "plot_metrics"]
 

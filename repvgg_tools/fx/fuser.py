@@ -2,7 +2,7 @@
 
 :func:`graph_fuse` traces a model with ``torch.fx``, finds every maximal affine sub-graph (convs, BatchNorms,
 linears, average pools, constant pads, sums, differences, layer scales and concatenations that share one input and
-end in one output; see :mod:`repvgg_tools.graph_match`), computes the single convolution each equals in float64,
+end in one output; see :mod:`repvgg_tools.fx.match`), computes the single convolution each equals in float64,
 checks it on random inputs against the original operations in float64, and only then swaps it in. The model is
 traced once; the smallest module whose ``forward`` contains a sub-graph is replaced by a ``torch.fx.GraphModule``
 of its forward, cut out of that trace and rewritten, so the model keeps its class and its other modules. A
@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from . import graph_plan
-from .graph_check import build_module, check_replacement, float64_modules
-from .graph_maps import AffineMap
-from .graph_rewrite import FusedItem, assemble, join, plan_rewrites, within
-from .graph_trace import FusionTracer, Traced, propagate
+from . import plan as graph_plan
+from .check import build_module, check_replacement, float64_modules
+from .maps import AffineMap
+from .rewrite import FusedItem, assemble, join, plan_rewrites, within
+from .trace import FusionTracer, Traced, propagate
 
 __all__ = ["FuseReport", "FusedItem", "graph_fuse", "example_inputs_for", "VERIFY_RTOL"]
 

@@ -5,10 +5,10 @@ where ``root`` is the nearest non-affine node (or a cut). Unary affine ops (Conv
 constant pad, scale, bias, identity) compose sequentially; add, subtract and channel concatenation merge maps that
 share a root. Compositions that are not exact (a padded conv after a non-zero bias, branches whose centres do not
 align) or that would cost more than the operations they replace are refused: the input becomes a cut and a new map
-starts from it. :func:`repvgg_tools.graph_plan.plan` picks the nodes to materialize as single convolutions. The
-map algebra is :mod:`repvgg_tools.graph_maps` (its math :mod:`repvgg_tools.fusion_ops`);
-:mod:`repvgg_tools.graph_fuser` drives the fuse, :mod:`repvgg_tools.graph_trace` traces,
-:mod:`repvgg_tools.graph_check` verifies and :mod:`repvgg_tools.graph_rewrite` rewrites.
+starts from it. :func:`repvgg_tools.fx.plan.plan` picks the nodes to materialize as single convolutions. The
+map algebra is :mod:`repvgg_tools.fx.maps` (its math :mod:`repvgg_tools.fusion.ops`);
+:mod:`repvgg_tools.fx.fuser` drives the fuse, :mod:`repvgg_tools.fx.trace` traces,
+:mod:`repvgg_tools.fx.check` verifies and :mod:`repvgg_tools.fx.rewrite` rewrites.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from . import fusion_ops as ops
-from .fusion import fuse_bn
-from .graph_maps import AffineMap, Op, Refused, apply_op, as_pair, evolve, merge_cat, merge_sum
+from ..fusion import ops
+from ..fusion.core import fuse_bn
+from .maps import AffineMap, Op, Refused, apply_op, as_pair, evolve, merge_cat, merge_sum
 
 __all__ = ["AffineMap", "Op", "Analysis", "node_container"]
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from . import graph_match
-from .graph_maps import AffineMap
-from .graph_plan import is_identity
-from .graph_trace import Traced, attribute
+from . import match as graph_match
+from .maps import AffineMap
+from .plan import is_identity
+from .trace import Traced, attribute
 
 __all__ = ["FusedItem", "plan_rewrites", "extract_forward", "rewrite", "assemble", "lca_of", "within", "join"]
 

@@ -3,7 +3,7 @@ concatenations of maps of one root, each refused (:class:`Refused`, with the rea
 result would not be exactly one convolution or would cost more than the convolutions it replaces.
 
 A map is ``value = conv(root; kernel, stride, padding, dilation, groups) + bias`` in float64, the root read with
-zero padding. The tensor math is :mod:`repvgg_tools.fusion_ops`; :mod:`repvgg_tools.graph_match` builds maps from a
+zero padding. The tensor math is :mod:`repvgg_tools.fusion.ops`; :mod:`repvgg_tools.fx.match` builds maps from a
 traced graph.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx
 
-from . import fusion_ops as ops
+from ..fusion import ops
 
 __all__ = ["Op", "AffineMap", "Refused", "apply_op", "merge_sum", "merge_cat", "as_pair", "evolve"]
 

@@ -194,7 +194,7 @@ def plot(report: dict, path: Path) -> dict:
     mpl.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write
+    from ..io.checkpoint import atomic_write
 
     names = list(report["throughput"])
     series = [(f"{form} {prec}", form, prec) for prec in PRECISIONS for form in FORMS]

@@ -194,7 +194,7 @@ class VGGFeatures(nn.Module):
         out_indices: Iterable[int] | int | None = None, frozen_stages: int = -1, norm_eval: bool = False,
     ) -> None:
         super().__init__()
-        from .models.vgg import make_vgg_features
+        from .vgg import make_vgg_features
 
         self.out_indices = normalize_out_indices(out_indices)
         full = make_vgg_features(cfg, batch_norm, in_chans)
@@ -255,7 +255,7 @@ class VGGFeatures(nn.Module):
 
 def _vgg_variant(name: str) -> tuple[str, bool] | None:
     """``(config name, batch_norm)`` of a registered VGG name, or ``None``."""
-    from .models import vgg
+    from . import vgg
 
     base, bn = (name[:-3], True) if name.endswith("_bn") else (name, False)
     cfg = vgg.VGG_VARIANTS.get(base)
@@ -281,7 +281,7 @@ def create_features(name: str, builder: Callable[..., nn.Module], deploy: bool =
         output_stride = kwargs.pop("output_stride", None)
         if output_stride not in (None, 32):
             raise ValueError(f"{name}: output_stride={output_stride} is not supported for VGG (only 32)")
-        from .models.vgg import VGG_CONFIGS
+        from .vgg import VGG_CONFIGS
 
         cfg, bn = vgg
         try:

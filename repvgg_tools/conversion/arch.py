@@ -58,13 +58,13 @@ class RepVGGSpec:
 
     def build(self, deploy: bool = False, **kwargs: Any) -> nn.Module:
         """Our model of this architecture (on the current default device); ``kwargs`` override the builder's."""
-        from .models import RepVGG, create_model
+        from ..models import RepVGG, create_model
 
         kwargs = {**self._kwargs(), **kwargs}
         if self.name:
             return create_model(self.name, num_classes=self.num_classes, deploy=deploy, **kwargs)
         if self.qa:
-            from .blocks import QARepVGGBlock
+            from ..blocks import QARepVGGBlock
 
             kwargs.setdefault("block", QARepVGGBlock)
         return RepVGG(self.widths, self.depths, self.layer_groups, num_classes=self.num_classes,
@@ -84,7 +84,8 @@ class RepVGGSpec:
 def infer_repvgg_spec(sd: Mapping[str, Tensor], blocks: list[Block] | None = None) -> RepVGGSpec:
     """The RepVGG architecture of a standalone state dict in our layout (training or deploy form).
 
-    ``blocks`` are its blocks when the caller has found them already (:func:`~repvgg_tools.layouts.find_blocks`).
+    ``blocks`` are its blocks when the caller has found them already
+    (:func:`~repvgg_tools.conversion.layouts.find_blocks`).
 
     Widths, depths, groups per layer, SE width, branch switches and classes come from shapes; strides are 2 except
     where a stage's first block has an identity branch (training form). Dilation cannot be read from weights.
@@ -92,8 +93,8 @@ def infer_repvgg_spec(sd: Mapping[str, Tensor], blocks: list[Block] | None = Non
     Raises:
         LayoutError: the blocks do not form a RepVGG (missing stem, gaps, inconsistent widths, ...).
     """
-    from .models.qarepvgg import QAREPVGG_CONFIGS
-    from .models.repvgg import REPVGG_CONFIGS, groupwise_layers, repvgg_widths
+    from ..models.qarepvgg import QAREPVGG_CONFIGS
+    from ..models.repvgg import REPVGG_CONFIGS, groupwise_layers, repvgg_widths
 
     layout = LAYOUTS["ours"]
     found, blocks = find_blocks(sd, layout) if blocks is None else blocks, {}
@@ -177,7 +178,7 @@ def _se_ratio(ses: list[tuple[int, int]]) -> float:
 def infer_vgg_name(sd: Mapping[str, Tensor]) -> tuple[str | None, int]:
     """``(zoo name, num_classes)`` of a standalone torchvision-layout VGG state dict (training or deploy form);
     the name is ``None`` when no zoo VGG has exactly these keys and shapes."""
-    from .models import create_model, list_models
+    from ..models import create_model, list_models
 
     head = sd.get("classifier.6.weight")
     num_classes = int(head.shape[0]) if head is not None else 1000
@@ -236,7 +237,7 @@ def _lookup(obj: Any, *path: str) -> Any:
 
 def checkpoint_hints(extras: Mapping[str, Any]) -> ArchHints:
     """The :class:`ArchHints` in a checkpoint's non-model entries (``CheckpointContents.extras``)."""
-    from .models import is_model
+    from ..models import is_model
 
     # timm's train.py saves its model's class name as "arch" ("byobnet") and the model's name in args.model
     names = [a for a in (_lookup(extras, "arch"), _lookup(extras, "config", "MODEL", "ARCH"),
@@ -281,7 +282,7 @@ def resolve_arch(canon: Mapping[str, Tensor], arch: str | None, hints: ArchHints
     Raises:
         ConversionError: an unknown ``arch``, weights that do not fit it, or ``model_kwargs`` the builder refuses.
     """
-    from .models import create_model, is_model, list_models
+    from ..models import create_model, is_model, list_models
 
     hints = hints or ArchHints()
     kwargs = dict(hints.model_kwargs)

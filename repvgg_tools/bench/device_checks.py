@@ -47,7 +47,7 @@ def build_model(name: str) -> nn.Module:
         import torchvision
 
         return getattr(torchvision.models, name)(weights=None)
-    from .models import create_model
+    from ..models import create_model
 
     return create_model(name)
 
@@ -55,7 +55,7 @@ def build_model(name: str) -> nn.Module:
 def model_cost(name: str, size: int) -> dict:
     """FLOPs per ``size x size`` image of both forms (``{"training", "deploy"}``) and the training form's parameter
     count, from models built on the meta device (nothing allocated or computed)."""
-    from .models import create_model
+    from ..models import create_model
 
     def count() -> dict:
         train = build_model(name).eval()
@@ -79,8 +79,8 @@ def prepare(name: str, device: torch.device | str, seed: int = 0) -> dict:
     Returns:
         ``{"training": module, "deploy": module, "params": {"training": n, "deploy": n}}``.
     """
-    from .reparam import reparameterize
-    from .verify import randomize_batchnorm
+    from ..reparam import reparameterize
+    from ..verify import randomize_batchnorm
 
     torch.manual_seed(seed)
     train = randomize_batchnorm(build_model(name), seed=seed).eval().to(device)
@@ -117,9 +117,9 @@ def equivalence(models: dict, device: torch.device, batch: int, size: int, seed:
     """
     import numpy as np
 
-    from .export.precision import check_metrics, output_metrics
-    from .reparam import reparameterize
-    from .verify import DEFAULT_RTOL, compare_outputs
+    from ..export.precision import check_metrics, output_metrics
+    from ..reparam import reparameterize
+    from ..verify import DEFAULT_RTOL, compare_outputs
 
     train, deploy = models["training"], models["deploy"]
     x = random_images(batch, size, seed).to(device).contiguous(memory_format=CL)
@@ -166,7 +166,7 @@ def onnx_check(models: dict, size: int, batch: int, seed: int = 2) -> tuple[Any,
     Returns:
         ``(onnx.ModelProto, metrics)`` with ``passed`` and ``summary`` (see ``verify_onnx``).
     """
-    from .export.onnx import export_onnx, onnx_session, verify_onnx
+    from ..export.onnx import export_onnx, onnx_session, verify_onnx
 
     deploy = copy.deepcopy(models["deploy"]).float().cpu().to(memory_format=torch.contiguous_format)
     proto = export_onnx(deploy, size, batch=1)
@@ -200,13 +200,13 @@ def engine_check(models: dict, fp32_onnx: Any, precision: str, backend: Any, *, 
     Raises:
         EngineUnsupported: the engine was built but the backend cannot run it on this GPU.
     """
-    from .export import tensorrt as trt
-    from .export.onnx import save_onnx
+    from ..export import tensorrt as trt
+    from ..export.onnx import save_onnx
 
     build_precision, proto = "auto", fp32_onnx
     if precision == "fp16":
         try:
-            from .export.precision import to_fp16
+            from ..export.precision import to_fp16
 
             proto = to_fp16(fp32_onnx)
         except ImportError as exc:
@@ -215,7 +215,7 @@ def engine_check(models: dict, fp32_onnx: Any, precision: str, backend: Any, *, 
                                    f"{backend.version} has no FP16 builder flag"}
             build_precision = "fp16"
     elif precision == "int8":
-        from .export.precision import quantize_int8
+        from ..export.precision import quantize_int8
 
         proto = quantize_int8(fp32_onnx, random_images(calib_samples, size, seed=3).numpy())
     with tempfile.TemporaryDirectory(prefix="repvgg-engine-") as tmp:

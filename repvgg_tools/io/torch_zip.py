@@ -8,7 +8,7 @@ agrees with the directory, it lies inside the file, its size is the storage's si
 the tensor needs.
 
 The pickle is read by torch's own ``weights_only`` unpickler; a file it refuses (configs, argument namespaces, NumPy
-values) is read again by :class:`repvgg_tools.safe_pickle.SafeUnpickler`, which keeps the same rules.
+values) is read again by :class:`repvgg_tools.io.safe_pickle.SafeUnpickler`, which keeps the same rules.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def read_torch_zip(path: Path, mmap: bool, limits: Limits = DEFAULT_LIMITS) -> t
     Raises:
         NotTorchZip: not a torch archive, or one to leave to ``torch.load`` (a big-endian file).
         CorruptCheckpoint: records that disagree with the pickle or the directory.
-        UnsafePickleError, PickleLimitError: the pickle breaks :mod:`repvgg_tools.safe_pickle`'s rules.
+        UnsafePickleError, PickleLimitError: the pickle breaks :mod:`repvgg_tools.io.safe_pickle`'s rules.
         pickle.UnpicklingError, EOFError: a malformed pickle.
     """
     file_size = path.stat().st_size

@@ -1,7 +1,7 @@
 """Linear algebra of whole re-parameterization sub-graphs: pure tensor functions, float64 inside.
 
-:mod:`repvgg_tools.fusion` holds the RepVGG core (BN fold, centre padding, identity kernels, branch sums); this module
-adds what the rest of the family needs and the graph fuser composes: BN before a conv or linear, BN after a sum,
+:mod:`repvgg_tools.fusion.core` holds the RepVGG core (BN fold, centre padding, identity kernels, branch sums); this
+module adds what the rest of the family needs and the graph fuser composes: BN before a conv or linear, BN after a sum,
 BN-only branches, average pooling as a conv, regrouping and dilating kernels, sequential composition of two
 convolutions (DBB's 1x1->kxk, conv->avgpool), sums, differences and per-channel scales of branches (FastViT's
 RepMixer), and channel concatenation.
@@ -9,7 +9,7 @@ RepMixer), and channel concatenation.
 Conventions: a kernel is ``(C_out, C_in/groups, kh, kw)`` and a bias ``(C_out,)`` (a linear layer is a 1x1 kernel).
 A convolution reads its input zero-padded by ``padding``. Every function returns float64 tensors on the device of
 its inputs; callers cast once, at the end. Asymmetric kernels (ACNet's 1xk and kx1) are centred into kxk by
-:func:`repvgg_tools.fusion.pad_kernel`, which accepts ``(kh, kw)`` sizes.
+:func:`repvgg_tools.fusion.core.pad_kernel`, which accepts ``(kh, kw)`` sizes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .fusion import _f64, fuse_bn, fuse_conv_bn, identity_kernel, merge_branches, pad_kernel
+from .core import _f64, fuse_bn, fuse_conv_bn, identity_kernel, merge_branches, pad_kernel
 
 __all__ = [
     "fuse_bn_before",
@@ -81,8 +81,8 @@ def fuse_sum_bn(
 ) -> tuple[Tensor, Tensor]:
     """BatchNorm after a sum of branches (QARepVGG, RepViT's RepVGGDW): ``W' = (sum W_i) * g/s``, ``b' = ...``.
 
-    The branches are summed (:func:`repvgg_tools.fusion.merge_branches`) and the BN folded into the sum
-    (:func:`repvgg_tools.fusion.fuse_conv_bn`). Always exact: the BN is per-channel and follows the sum.
+    The branches are summed (:func:`repvgg_tools.fusion.core.merge_branches`) and the BN folded into the sum
+    (:func:`repvgg_tools.fusion.core.fuse_conv_bn`). Always exact: the BN is per-channel and follows the sum.
 
     Args:
         kernels: ``(C_out, C_in/groups, k, k)`` each, already brought to a common size.

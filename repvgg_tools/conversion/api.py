@@ -2,12 +2,12 @@
 
 This module orchestrates; the pieces live by responsibility:
 
-- :mod:`repvgg_tools.layouts`: key names of each project and their detection (which keys form a block);
-- :mod:`repvgg_tools.arch`: the architecture the tensors describe (named, from metadata, or inferred);
-- :mod:`repvgg_tools.branches`: a block's branch tensors, validated, fused a chunk at a time through
-  :mod:`repvgg_tools.fusion` (the functions :class:`~repvgg_tools.blocks.RepVGGBlock` uses);
-- :mod:`repvgg_tools.convert_check`: the report, and the float64 verifier that fills it;
-- :mod:`repvgg_tools.convert_walk`: the walk over a state dict's keys (RepVGG blocks, VGG conv+BN pairs).
+- :mod:`repvgg_tools.conversion.layouts`: key names of each project and their detection (which keys form a block);
+- :mod:`repvgg_tools.conversion.arch`: the architecture the tensors describe (named, from metadata, or inferred);
+- :mod:`repvgg_tools.conversion.branches`: a block's branch tensors, validated, fused a chunk at a time through
+  :mod:`repvgg_tools.fusion.core` (the functions :class:`~repvgg_tools.blocks.RepVGGBlock` uses);
+- :mod:`repvgg_tools.conversion.check`: the report, and the float64 verifier that fills it;
+- :mod:`repvgg_tools.conversion.walk`: the walk over a state dict's keys (RepVGG blocks, VGG conv+BN pairs).
 
 No model is built to convert. One walk over the keys fuses each block and carries every other tensor; with
 ``inplace`` the fused kernel overwrites the 3x3 kernel it came from and consumed tensors give their pages back, so
@@ -26,8 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .arch import ArchHints, checkpoint_hints
-from .checkpoint import (
+from ..io.checkpoint import (
     check_output_path,
     overlaps_itself,
     read_checkpoint,
@@ -35,9 +34,10 @@ from .checkpoint import (
     shared_memory_keys,
     tensors_in,
 )
-from .convert_check import FUSION_RTOL, ConversionReport, VerificationError
-from .convert_walk import Converted, Job, convert_repvgg, convert_vgg, param_count
+from .arch import ArchHints, checkpoint_hints
+from .check import FUSION_RTOL, ConversionReport, VerificationError
 from .layouts import LAYOUT_NAMES, LAYOUTS, ConversionError, detect_layout, rename_layout
+from .walk import Converted, Job, convert_repvgg, convert_vgg, param_count
 
 __all__ = ["ConversionError", "VerificationError", "ConversionReport", "convert_state_dict", "convert_file",
            "load_model", "DEFAULT_BN_EPS"]
@@ -70,27 +70,28 @@ def convert_state_dict(
 
     Args:
         sd: name -> tensor, container and ``module.`` prefixes already removed
-            (see :func:`repvgg_tools.checkpoint.read_checkpoint`).
+            (see :func:`repvgg_tools.io.checkpoint.read_checkpoint`).
         arch: a registered model name the weights must fit; default: the checkpoint's own (``hints``) if it fits,
             else inferred from shapes.
         layout: input layout (one of ``LAYOUT_NAMES``); default: detected. A forced layout must match the keys.
         out_layout: output layout; default: the input's.
-        verify: check the conversion (:mod:`repvgg_tools.convert_check`) and raise :class:`VerificationError` when
+        verify: check the conversion (:mod:`repvgg_tools.conversion.check`) and raise :class:`VerificationError` when
             the float64 fusion differs from the training form beyond ``rtol`` on random inputs, or a written tensor
             is not that fusion rounded once.
         inplace: reuse the input's tensors: fused kernels overwrite the 3x3 kernels (unless a kernel shares memory
             with another tensor) and ``sd`` is emptied as blocks fuse (pass a dict you own; memory-mapped tensors are
             safe, the file is never written).
-        hints: what the checkpoint's metadata says (:func:`repvgg_tools.arch.checkpoint_hints`): arch, builder
-            arguments, BatchNorm epsilon.
+        hints: what the checkpoint's metadata says (:func:`~repvgg_tools.conversion.arch.checkpoint_hints`): arch,
+            builder arguments, BatchNorm epsilon.
         rtol: tolerance of the fusion check, ``max|a-b| / max|b|`` between the training form and the deploy form
             with the unrounded float64 fused tensors, both in float64; default
-            :data:`repvgg_tools.convert_check.FUSION_RTOL` (1e-10), whatever the weights' dtype.
+            :data:`repvgg_tools.conversion.check.FUSION_RTOL` (1e-10), whatever the weights' dtype.
         bn_eps: BatchNorm epsilon the model was trained with; default: ``hints.bn_eps``, else 1e-5.
         input_size: side of the random verification inputs (default 64 for RepVGG, 32 for VGG).
         progress: show a progress bar on stderr for large models.
         release_mapped: with ``inplace``, the tensors come from ``load_checkpoint(mmap=True)``: give the pages of
-            consumed branch tensors back to the OS as blocks fuse (see :func:`~repvgg_tools.checkpoint.release_pages`).
+            consumed branch tensors back to the OS as blocks fuse (see
+            :func:`~repvgg_tools.io.checkpoint.release_pages`).
         others: whatever else of the file is kept (extras): tensors in it that share memory with ``sd``'s are never
             overwritten by an in-place fusion.
 
@@ -220,7 +221,7 @@ def convert_file(
     """Convert a checkpoint file to its deploy form, atomically (what ``repvgg-convert`` runs).
 
     The input is memory-mapped and converted in place in memory (never on disk). Training files with configs,
-    argument namespaces and logs load as plain data (:mod:`repvgg_tools.safe_pickle`). Non-model entries (epoch,
+    argument namespaces and logs load as plain data (:mod:`repvgg_tools.io.safe_pickle`). Non-model entries (epoch,
     arch, args, ...) are carried over as plain data, optimizer and scheduler state is dropped. The container is kept
     (a bare state dict stays bare); ``.safetensors`` output gets the state dict, with the other entries as string
     metadata.

@@ -1,6 +1,6 @@
 """A block's branch tensors read from a state dict, validated, and fused a chunk of output channels at a time.
 
-The arithmetic is :func:`repvgg_tools.fusion.fuse_branches` (what :class:`~repvgg_tools.blocks.RepVGGBlock` uses);
+The arithmetic is :func:`repvgg_tools.fusion.core.fuse_branches` (what :class:`~repvgg_tools.blocks.RepVGGBlock` uses);
 this module only gathers tensors, checks them (shapes, running statistics, NaN/Inf) with messages that name the
 keys of the user's file, and writes the result chunk by chunk so temporaries stay small.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import fusion
+from ..fusion import core as fusion
 from .layouts import Block, ConversionError
 
 __all__ = ["BranchBN", "Branch", "BlockParts", "read_bn", "block_parts", "fuse_into", "check_finite", "stored_span",

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..verify import compare_outputs
 from .arch import Arch
 from .branches import CHUNK_ELEMENTS, BlockParts, BranchBN
-from .verify import compare_outputs
 
 __all__ = ["ConversionReport", "VerificationError", "Verifier", "FUSION_RTOL", "block_reference"]
 

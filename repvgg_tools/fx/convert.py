@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import read_checkpoint, save_checkpoint
-from .graph_fuser import example_inputs_for
-from .layouts import ConversionError
-from .paths import check_outputs
-from .reparam import reparameterize
-from .verify import DEFAULT_RTOL, VerifyResult, verify_equivalence
+from ..conversion.layouts import ConversionError
+from ..io.checkpoint import read_checkpoint, save_checkpoint
+from ..io.paths import check_outputs
+from ..reparam import reparameterize
+from ..verify import DEFAULT_RTOL, VerifyResult, verify_equivalence
+from .fuser import example_inputs_for
 
 __all__ = ["load_factory", "convert_user_model", "FusionVerificationError"]
 
@@ -76,7 +76,7 @@ def convert_user_model(
 
     Args:
         factory: ``package.module:factory`` (imported: runs the user's code) or a callable returning the model.
-        input: training checkpoint (any container :func:`repvgg_tools.checkpoint.read_checkpoint` reads).
+        input: training checkpoint (any container :func:`repvgg_tools.io.checkpoint.read_checkpoint` reads).
         output: deploy checkpoint path (``.pth``/``.pt`` or ``.safetensors``).
         export_onnx: also write a plain fp32 ONNX here.
         force: overwrite existing outputs.
@@ -127,8 +127,8 @@ def convert_user_model(
         saved = save_checkpoint({"state_dict": state, "fuse_report": str(report), **extras}, output, force=force)
     onnx_path = None
     if export_onnx is not None:
-        from .export.onnx import export_onnx as to_onnx
-        from .export.onnx import save_onnx
+        from ..export.onnx import export_onnx as to_onnx
+        from ..export.onnx import save_onnx
 
         proto = to_onnx(deploy, tuple(example.shape[2:]), in_chans=example.shape[1])
         onnx_path = str(save_onnx(proto, export_onnx, force=force))

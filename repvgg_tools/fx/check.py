@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph_maps import AffineMap, as_pair
-from .graph_match import _BN_FORWARDS
+from .maps import AffineMap, as_pair
+from .match import _BN_FORWARDS
 
 __all__ = ["build_module", "check_replacement", "evaluate_subgraph", "float64_modules", "grouped_conv2d"]
 

@@ -1,8 +1,9 @@
 """The two walks of a conversion: RepVGG blocks (any layout, whole detectors included) and VGG conv+BN pairs.
 
 Each walks the input's keys once, in order: a block's tensors are validated and fused together (through
-:mod:`repvgg_tools.branches`), every other tensor is carried; with ``inplace`` consumed tensors are dropped and their
-memory-mapped pages returned to the OS. :mod:`repvgg_tools.convert` calls them; they return a :class:`Converted`.
+:mod:`repvgg_tools.conversion.branches`), every other tensor is carried; with ``inplace`` consumed tensors are dropped
+and their memory-mapped pages returned to the OS. :mod:`repvgg_tools.conversion.api` calls them; they return a
+:class:`Converted`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..io.checkpoint import release_pages
 from .arch import Arch, ArchHints, resolve_arch
 from .branches import BN_STATS, BlockParts, Branch, block_parts, check_finite, fuse_into, read_bn
-from .checkpoint import release_pages
-from .convert_check import ConversionReport, Verifier
+from .check import ConversionReport, Verifier
 from .layouts import (
     LAYOUTS,
     Block,
@@ -181,7 +182,7 @@ def _block_context(sd: Mapping[str, Tensor], blocks: list[Block], layout: Layout
                    hints: ArchHints) -> dict[str, tuple[int, int]]:
     """``prefix -> (input channels, stride)`` of the blocks of a standalone RepVGG, from their order and the stride
     schedule (QARepVGG's identity branch has no tensors: these tell whether a block has one)."""
-    from .features import output_stride_schedule
+    from ..models.features import output_stride_schedule
 
     kw = hints.model_kwargs
     try:

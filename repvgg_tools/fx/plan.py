@@ -1,4 +1,4 @@
-"""Which affine sub-graphs to materialize: the fixed point of cuts over :class:`repvgg_tools.graph_match.Analysis`,
+"""Which affine sub-graphs to materialize: the fixed point of cuts over :class:`repvgg_tools.fx.match.Analysis`,
 and a structural pre-scan that tells, from the trace alone, whether anything could fuse."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph_match import _ADD, _CAT, _DIV, _DROPOUTS, _IDENTITY_METHODS, _MUL, _SUB, Analysis
+from .match import _ADD, _CAT, _DIV, _DROPOUTS, _IDENTITY_METHODS, _MUL, _SUB, Analysis
 
 __all__ = ["Plan", "plan", "may_fuse", "is_identity"]
 

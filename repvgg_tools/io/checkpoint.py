@@ -66,9 +66,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Load a ``.pth/.pt/.ckpt`` (torch zip or legacy) or ``.safetensors`` file without running code from it.
 
     The format is recognized from the file's bytes, so a misnamed file still loads. A torch zip file has its records
-    checked against its pickle before anything is mapped (:mod:`repvgg_tools.torch_zip`); its pickle is read by
+    checked against its pickle before anything is mapped (:mod:`repvgg_tools.io.torch_zip`); its pickle is read by
     torch's ``weights_only`` unpickler, and files that it refuses (training checkpoints holding configs, argument
-    namespaces, NumPy values, whole model objects) by :mod:`repvgg_tools.safe_pickle` under the same rules: other
+    namespaces, NumPy values, whole model objects) by :mod:`repvgg_tools.io.safe_pickle` under the same rules: other
     classes become plain data, nothing from the file is ever called. A legacy (non-zip) file is read only if
     ``weights_only`` reads it. See :func:`read_checkpoint` for which classes were replaced.
 
@@ -363,7 +363,7 @@ class CheckpointContents:
         container_key: the key the state dict was found under (``None`` for a bare state dict).
         dropped: names of the entries left out of ``extras``.
         format: ``zip``, ``pickle`` or ``safetensors``.
-        replaced: qualified names of the classes that were read as plain data (see :mod:`repvgg_tools.safe_pickle`).
+        replaced: qualified names of the classes that were read as plain data (see :mod:`repvgg_tools.io.safe_pickle`).
         mapped: every tensor is a view of the file's private memory mapping (its pages can be given back).
     """
 
