@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from repvgg_tools import randomize_batchnorm, reparameterize
+from repvgg_tools.fusion import core as fusion
 from repvgg_tools.fusion import ops
 from repvgg_tools.fx.fuser import graph_fuse
 from repvgg_tools.verify import compare_outputs
@@ -204,11 +205,11 @@ def test_fuse_bn_before_exact_without_padding_not_with(groups):
     assert (F.conv2d(x, k2, b2, padding=1, groups=groups) - padded).abs().max() > 1e-3  # the border differs
 
 
-def test_fuse_sum_bn_and_bn_branch():
+def test_bn_after_a_sum_and_bn_branch():
     x = torch.randn(2, 4, 7, 7, dtype=F64)
     k3, k1, bn = torch.randn(4, 2, 3, 3, dtype=F64), torch.randn(4, 2, 1, 1, dtype=F64), _bn(4, 1)
     eye = ops.identity_kernel(4, 3, 2, dtype=F64)
-    kernel, bias = ops.fuse_sum_bn([k3, ops.pad_kernel(k1, 3), eye], [torch.zeros(4, dtype=F64)] * 3, **bn)
+    kernel, bias = fusion.fuse_branches_bn([(k3, None, None), (k1, None, None), (eye, None, None)], bn)
     ref = _apply_bn(F.conv2d(x, k3, padding=1, groups=2) + F.conv2d(x, k1, groups=2) + x, bn)
     assert (F.conv2d(x, kernel, bias, padding=1, groups=2) - ref).abs().max() < 1e-12
     for groups in (1, 4):

@@ -26,14 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..io.checkpoint import (
-    check_output_path,
-    overlaps_itself,
-    read_checkpoint,
-    save_checkpoint,
-    shared_memory_keys,
-    tensors_in,
-)
+from ..io.checkpoint import check_output_path, read_checkpoint, save_checkpoint
+from ..io.memory import overlaps_itself, shared_memory_keys, tensors_in
 from .arch import ArchHints, checkpoint_hints
 from .check import FUSION_RTOL, ConversionReport, VerificationError
 from .layouts import LAYOUT_NAMES, LAYOUTS, ConversionError, detect_layout, rename_layout

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..io.checkpoint import release_pages
+from ..io.memory import release_pages
 from .arch import Arch, ArchHints, resolve_arch
 from .branches import BN_STATS, BlockParts, Branch, block_parts, check_finite, fuse_into, read_bn
 from .check import ConversionReport, Verifier

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..io.checkpoint import atomic_write
+from ..io.errors import one_line
 from .precision import PrecisionError, check_metrics, max_activation, output_metrics
 
 __all__ = [
@@ -86,7 +87,7 @@ def export_onnx(
             torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, input_names=[input_name],
                               output_names=list(output_names), dynamic_axes=dynamic_axes, do_constant_folding=True)
         except Exception as exc:  # the exporter raises many types; report one line
-            raise ExportError(f"torch.onnx.export failed: {_first_line(exc)}") from None
+            raise ExportError(f"torch.onnx.export failed: {one_line(exc)}") from None
     proto = onnx.load_from_string(buf.getvalue())
     del buf
     log.info("exported in %.2f s: %s", time.perf_counter() - start, dict(op_counts(proto)))
@@ -95,7 +96,7 @@ def export_onnx(
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
-        raise ExportError(f"the exported graph fails onnx.checker: {_first_line(exc)}") from None
+        raise ExportError(f"the exported graph fails onnx.checker: {one_line(exc)}") from None
     return proto
 
 
@@ -115,7 +116,7 @@ def simplify(model: Any) -> Any:
             if ok:
                 model = simplified
         except Exception as exc:  # onnxsim raises plain RuntimeErrors from C++
-            log.warning("onnxsim failed (%s); keeping the unsimplified graph", _first_line(exc))
+            log.warning("onnxsim failed (%s); keeping the unsimplified graph", one_line(exc))
     try:
         import onnxslim
 
@@ -123,7 +124,7 @@ def simplify(model: Any) -> Any:
     except ImportError:
         log.warning("onnxslim is not installed: the graph is not simplified")
     except Exception as exc:
-        log.warning("onnxslim failed (%s); keeping the unsimplified graph", _first_line(exc))
+        log.warning("onnxslim failed (%s); keeping the unsimplified graph", one_line(exc))
     return model
 
 
@@ -269,6 +270,3 @@ def verify_onnx(session: Any, reference: nn.Module, precision: str, inputs: Sequ
     return metrics
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -20,11 +20,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .core import _f64, fuse_bn, fuse_conv_bn, identity_kernel, merge_branches, pad_kernel
+from .core import _f64, fuse_bn, fuse_conv_bn, identity_kernel, pad_kernel
 
 __all__ = [
     "fuse_bn_before",
-    "fuse_sum_bn",
     "bn_branch",
     "avg_pool_kernel",
     "regroup_kernel",
@@ -73,26 +72,6 @@ def fuse_bn_before(
     if bias is not None:
         new_bias = new_bias + _f64(bias)
     return k * s[:, :, None, None], new_bias
-
-
-def fuse_sum_bn(
-    kernels: Sequence[Tensor], biases: Sequence[Tensor], running_mean: Tensor, running_var: Tensor, eps: float,
-    bn_weight: Tensor | None = None, bn_bias: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """BatchNorm after a sum of branches (QARepVGG, RepViT's RepVGGDW): ``W' = (sum W_i) * g/s``, ``b' = ...``.
-
-    The branches are summed (:func:`repvgg_tools.fusion.core.merge_branches`) and the BN folded into the sum
-    (:func:`repvgg_tools.fusion.core.fuse_conv_bn`). Always exact: the BN is per-channel and follows the sum.
-
-    Args:
-        kernels: ``(C_out, C_in/groups, k, k)`` each, already brought to a common size.
-        biases: ``(C_out,)`` each.
-
-    Returns:
-        ``(kernel, bias)`` in float64.
-    """
-    kernel, bias = merge_branches(kernels, biases, dtype=torch.float64)
-    return fuse_conv_bn(kernel, bias, running_mean, running_var, eps, bn_weight, bn_bias, dtype=torch.float64)
 
 
 def bn_branch(

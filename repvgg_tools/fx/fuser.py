@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from ..io.errors import one_line
 from . import plan as graph_plan
 from .check import build_module, check_replacement, float64_modules
 from .maps import AffineMap
@@ -171,7 +172,7 @@ def _capture_inputs(model: nn.Module, candidates: list[tuple]) -> dict | None:
                 model(*inputs)
             return seen
         except Exception as exc:  # noqa: BLE001 - a model that needs other inputs: try the next, then say so
-            errors.append(_first_line(exc))
+            errors.append(one_line(exc))
         finally:
             for h in handles:
                 h.remove()
@@ -184,8 +185,6 @@ def _warn_no_input(errors: list[str]) -> None:
                 "; ".join(errors) or "no Conv2d or Linear to size one from")
 
 
-def _first_line(exc: Exception) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _shapes(module: nn.Module, graph: fx.Graph, modules: dict, constants: dict, ctx: _Context) -> bool:
@@ -202,7 +201,7 @@ def _shapes(module: nn.Module, graph: fx.Graph, modules: dict, constants: dict, 
             propagate(module, graph, inputs, {}, modules, constants)
             return True
         except Exception as exc:  # noqa: BLE001 - a model that needs other inputs: try the next, then say so
-            errors.append(_first_line(exc))
+            errors.append(one_line(exc))
     _warn_no_input(errors)
     ctx.report.skipped.append(("<model>", "no example input: pass example_inputs"))
     return False
@@ -220,7 +219,7 @@ def _fuse_module(module: nn.Module, path: str, ctx: _Context) -> None:
         if not _shapes(module, graph, modules, tracer.constants, ctx):
             return
     except Exception as exc:  # noqa: BLE001 - untraceable: skip it, try its children
-        reason = f"{type(exc).__name__}: {_first_line(exc)[:160] if str(exc) else ''}"
+        reason = f"{type(exc).__name__}: {one_line(exc)[:160] if str(exc) else ''}"
         ctx.report.skipped.append((path or type(module).__name__, reason))
         log.info("graph fuser: cannot trace %s (%s); trying its children", path or type(module).__name__, reason)
         if ctx.inputs is None:

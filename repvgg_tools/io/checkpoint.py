@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import mmap as _mmap
 import os
-import stat
-import sys
-import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -19,13 +14,20 @@ from typing import Any
 
 import torch
 
-from .paths import CheckpointError, check_output_path
-from .safe_pickle import PickleLimitError, UnsafePickleError, to_plain
+from .atomic import METADATA_CHARS, TEMP_TAG, atomic_write, metadata_text, remove_leftovers, save_checkpoint
+from .errors import CheckpointError, one_line
+from .memory import overlaps_itself, release_pages, shared_memory_keys, tensors_in
+from .paths import check_output_path
+from .pickle_rules import PickleLimitError, UnsafePickleError
+from .plain import to_plain
 
+# reading lives here; writing (io.atomic) and memory sharing (io.memory) are re-exported: one import for the
+# checkpoint API
 __all__ = [
     "CheckpointError", "load_checkpoint", "save_checkpoint", "atomic_write", "read_state_dict", "read_checkpoint",
     "CheckpointContents", "strip_prefixes", "release_pages", "shared_memory_keys", "check_output_path",
-    "MODEL_KEYS", "EMA_KEYS", "DROPPED_KEYS", "remove_leftovers", "metadata_text", "tensors_in",
+    "MODEL_KEYS", "EMA_KEYS", "DROPPED_KEYS", "remove_leftovers", "metadata_text", "tensors_in", "overlaps_itself",
+    "TEMP_TAG", "METADATA_CHARS",
 ]
 
 log = logging.getLogger(__name__)
@@ -104,7 +106,7 @@ def _load(path: Path, map_location: str | torch.device, mmap: bool) -> tuple[Any
         try:
             obj, replaced, mapped = load_file(str(path)), [], False
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(exc)})") from None
     elif kind == "unknown":
         what = "a safetensors file with a broken header" if path.suffix == ".safetensors" else \
             "neither a PyTorch zip/pickle file nor safetensors"
@@ -160,7 +162,7 @@ def _load_error(path: Path, kind: str, exc: BaseException) -> CheckpointError:
 
     if isinstance(exc, (UnsafePickleError, PickleLimitError)):
         return CheckpointError(f"{path}: refused to load: {exc}")
-    msg = _first_line(exc)
+    msg = one_line(exc)
     if isinstance(exc, (CorruptCheckpoint, NotTorchZip)):
         return CheckpointError(f"{path}: truncated or corrupt checkpoint ({msg})")
     if kind == "pickle" and "Weights only load failed" in str(exc):
@@ -169,177 +171,6 @@ def _load_error(path: Path, kind: str, exc: BaseException) -> CheckpointError:
     if kind == "zip" or "EOF" in msg or isinstance(exc, EOFError):
         return CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}: {msg})")
     return CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {msg})")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line.split(". ")[0][:200]
-
-
-def atomic_write(path: str | os.PathLike, write_fn, force: bool = False) -> Path:
-    """Call ``write_fn(tmp_path)`` then rename the temp file onto ``path``, so a crash never leaves half a file.
-
-    Raises:
-        CheckpointError: ``path`` exists and ``force`` is false, or its directory is missing or not writable.
-    """
-    path = Path(path)
-    if path.exists() and not force:
-        raise CheckpointError(f"{path}: already exists (use --force to overwrite)")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise CheckpointError(f"{path}: directory {parent} does not exist")
-    remove_leftovers(path)
-    try:
-        # the writer's pid in the name: a later run can tell a killed run's leftover from a live write
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_TAG}{os.getpid()}-", suffix=".tmp", dir=parent)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot write ({exc.strerror})") from None
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        # mkstemp creates 0600; give the file the mode a plain open() would (the existing file's, else umask's)
-        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(parent, directory=True)  # the rename itself survives a crash
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-TEMP_TAG = ".partial-"  # temp files are ``.NAME.partial-PID-XXXX.tmp``
-
-
-def remove_leftovers(path: str | os.PathLike) -> list[Path]:
-    """Remove the temp files that runs killed while writing ``path`` left beside it (SIGKILL, power loss).
-
-    A temp file is ``.NAME.partial-PID-XXXX.tmp``; it is removed when process PID no longer exists (a write still
-    in progress is never touched). Returns the files removed.
-    """
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    stem = f".{path.name}{TEMP_TAG}"
-    removed = []
-    try:
-        names = [n for n in os.listdir(parent) if n.startswith(stem) and n.endswith(".tmp")]
-    except OSError:
-        return removed
-    for name in names:
-        pid = name[len(stem):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            with contextlib.suppress(OSError):
-                (parent / name).unlink()
-                removed.append(parent / name)
-                log.warning("removed %s, left by a run that was killed while writing %s", parent / name, path)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists, owned by someone else
-    return True
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    except OSError:
-        if directory:  # some platforms cannot open directories; the data itself is already synced
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike, force: bool = False) -> Path:
-    """Save atomically: ``.safetensors`` (a flat name->tensor dict; other entries become string metadata) or torch.
-
-    Raises:
-        CheckpointError: see :func:`atomic_write`.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        tensors = {k: v.contiguous() for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        metadata = {}
-        for k, v in obj.items():
-            if not isinstance(v, torch.Tensor):
-                text = metadata_text(v)
-                if text is None:
-                    log.warning("%s: entry %r left out of the safetensors metadata (over %d characters)", path,
-                                k, METADATA_CHARS)
-                else:
-                    metadata[str(k)] = text
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or None), force)
-    return atomic_write(path, lambda tmp: torch.save(dict(obj), tmp), force)
-
-
-METADATA_CHARS = 1 << 16  # per entry: safetensors metadata is a small JSON header, not a place for logs
-
-
-def metadata_text(value: Any, limit: int = METADATA_CHARS) -> str | None:
-    """``value`` as text for safetensors metadata (strings as they are, the rest as ``repr``-like text), or
-    ``None`` when it would exceed ``limit`` characters. Stops as soon as the limit is passed, so a small structure
-    of shared references (exponentially large when written out) costs no more than ``limit``."""
-    if isinstance(value, str):
-        return value if len(value) <= limit else None
-    parts: list[str] = []
-    left = [limit]
-
-    def emit(text: str) -> None:
-        left[0] -= len(text)
-        if left[0] < 0:
-            raise OverflowError
-        parts.append(text)
-
-    def walk(v: Any) -> None:
-        if isinstance(v, Mapping):
-            emit("{")
-            for i, (k, item) in enumerate(v.items()):
-                emit(", " if i else "")
-                walk(k)
-                emit(": ")
-                walk(item)
-            emit("}")
-        elif isinstance(v, (list, tuple, set, frozenset)):
-            open_, close = {list: "[]", tuple: "()"}.get(type(v), "{}")
-            emit(open_)
-            for i, item in enumerate(v):
-                emit(", " if i else "")
-                walk(item)
-            emit(close)
-        elif isinstance(v, torch.Tensor):
-            emit(f"tensor(shape={tuple(v.shape)}, dtype={v.dtype})")
-        else:
-            emit(repr(v)[: left[0] + 1])
-
-    try:
-        walk(value)
-    except (OverflowError, RecursionError):
-        return None
-    return "".join(parts)
 
 
 # Where state dicts hide in the containers seen in the wild, in the order they are tried.
@@ -497,86 +328,3 @@ def _preview(obj: Mapping, n: int = 6) -> str:
     return ", ".join(keys) + (", ..." if len(obj) > n else "")
 
 
-def _byte_span(t: torch.Tensor) -> tuple[int, int]:
-    """``[start, end)`` addresses of the bytes a (possibly strided) tensor can reach."""
-    if t.numel() == 0:
-        return t.data_ptr(), t.data_ptr()
-    reach = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
-    lowest = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True) if st < 0)
-    start = t.data_ptr() + lowest * t.element_size()
-    return start, start + (reach + 1) * t.element_size()
-
-
-def shared_memory_keys(sd: Mapping[str, torch.Tensor]) -> set[str]:
-    """Keys whose bytes overlap another key's bytes (tied weights, views of one buffer that overlap).
-
-    Tensors that are views of one flat buffer but do not overlap are not in the set: writing to one, or dropping
-    its whole pages (:func:`release_pages`), leaves the others intact.
-    """
-    spans = sorted((*_byte_span(t), k) for k, t in sd.items() if isinstance(t, torch.Tensor) and t.numel()
-                   and t.device.type != "meta")
-    shared: set[str] = set()
-    reach_end, reach_key = -1, None
-    for start, end, key in spans:
-        if start < reach_end:
-            shared.update((key, reach_key))
-        if end > reach_end:
-            reach_end, reach_key = end, key
-    return shared
-
-
-def tensors_in(obj: Any) -> list[torch.Tensor]:
-    """Every tensor inside a loaded structure (dicts, lists, tuples, sets), each once."""
-    found: dict[int, torch.Tensor] = {}
-    seen: set[int] = set()
-    todo = [obj]
-    while todo:
-        item = todo.pop()
-        if isinstance(item, torch.Tensor):
-            found.setdefault(id(item), item)
-        elif isinstance(item, (Mapping, list, tuple, set, frozenset)) and id(item) not in seen:
-            seen.add(id(item))
-            todo.extend(item.values() if isinstance(item, Mapping) else item)
-            if isinstance(item, Mapping):
-                todo.extend(k for k in item if isinstance(k, torch.Tensor))
-    return list(found.values())
-
-
-def overlaps_itself(t: torch.Tensor) -> bool:
-    """Whether two elements of ``t`` may share memory (stride 0, or strides that fold back onto each other)."""
-    span = 1
-    for stride, n in sorted((abs(st), n) for n, st in zip(t.shape, t.stride(), strict=True) if n > 1):
-        if stride < span:
-            return True
-        span += stride * (n - 1)
-    return False
-
-
-def release_pages(tensor: torch.Tensor) -> int:
-    """Give the memory pages that lie wholly inside a memory-mapped checkpoint tensor back to the OS (Linux;
-    elsewhere a no-op).
-
-    Only for tensors from :func:`load_checkpoint` with ``mmap=True`` (a private file mapping) that were never
-    written, will not be read again, and share no bytes with a live tensor (see :func:`shared_memory_keys`): the
-    pages are dropped from this process (reading would fetch the file's bytes again). Only the pages inside the
-    tensor's own bytes are released, never the rest of its storage, so neighbours in the same buffer (or a fused
-    kernel written into one) keep their pages. Lets a converter stay within the checkpoint's size of RAM.
-
-    Returns:
-        Bytes released.
-    """
-    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or not tensor.numel():
-        return 0
-    start, end = _byte_span(tensor)
-    page = _mmap.PAGESIZE
-    first = -(-start // page) * page
-    last = end // page * page
-    if last - first < page:
-        return 0
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    madv_dontneed = 4
-    if libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), madv_dontneed) != 0:
-        return 0
-    return last - first

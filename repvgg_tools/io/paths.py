@@ -6,11 +6,9 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from .errors import CheckpointError
+
 __all__ = ["CheckpointError", "check_output_path", "check_outputs", "same_file"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or written; the message says why in one line."""
 
 
 def check_output_path(output: str | os.PathLike, force: bool, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:

@@ -26,14 +26,14 @@ from typing import Any
 
 import torch
 
-from .safe_pickle import Limits, SafeUnpickler, UnsafePickleError
+from .pickle_rules import DEFAULT_LIMITS, Limits, UnsafePickleError
+from .safe_pickle import SafeUnpickler
 
 __all__ = ["CorruptCheckpoint", "NotTorchZip", "read_torch_zip"]
 
 log = logging.getLogger(__name__)
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # signature .. extra length: 30 bytes
-DEFAULT_LIMITS = Limits()
 INFLATE_BUDGET = 256 << 20  # bytes that compressed records may inflate to, beyond the file's own size
 
 
