@@ -315,3 +315,24 @@ def test_a_valid_checkpoint_still_round_trips(train, tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict[k], v)
     assert Path(src).exists()
+
+
+def test_the_readers_limits_refuse_in_one_line():
+    import io
+    import pickle
+
+    from repvgg_tools.io.pickle_rules import Limits, PickleLimitError
+    from repvgg_tools.io.plain import to_plain
+    from repvgg_tools.io.safe_pickle import SafeUnpickler
+
+    data = pickle.dumps({"log": list(range(1000)), "text": "x" * 5000}, protocol=2)
+    assert SafeUnpickler(io.BytesIO(data)).load()["text"] == "x" * 5000
+    for limits, words in ((Limits(max_objects=500), "more than 500 objects"),
+                          (Limits(max_bytes=4000), "more than 4000 bytes")):
+        with pytest.raises(PickleLimitError, match=words):
+            SafeUnpickler(io.BytesIO(data), limits=limits).load()
+    nested: list = []
+    for _ in range(50):
+        nested = [nested]
+    with pytest.raises(PickleLimitError, match="deeper than 20 levels"):
+        to_plain(nested, Limits(max_depth=20))
