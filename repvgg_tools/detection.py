@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .contract import DETECTION_SCORE_TOL
 from .models import create_model
 
 __all__ = [
@@ -242,7 +243,7 @@ def synthetic_shapes(
 
 def compare_detections(
     reference: Sequence[Mapping[str, Tensor]], candidate: Sequence[Mapping[str, Tensor]], *,
-    box_tol: float, score_tol: float = 1e-4,
+    box_tol: float, score_tol: float = DETECTION_SCORE_TOL,
 ) -> dict[str, Any]:
     """Compare two detectors' outputs (torchvision format: per image ``boxes``, ``scores``, ``labels``).
 

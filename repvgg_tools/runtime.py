@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from .bench.timing import time_callable
+from .contract import RUNTIME_RTOL, max_errors
 from .reparam import reparameterize
-from .verify import compare_outputs
 
 __all__ = ["CPU_BACKENDS", "CpuRunner", "fastest_cpu_runner"]
 
@@ -65,7 +65,7 @@ def _onnxruntime_fn(model: nn.Module, example: Tensor) -> Callable:
 
 def fastest_cpu_runner(
     model: nn.Module, example: Tensor, *, backends: Sequence[str] = CPU_BACKENDS, iters: int = 5, warmup: int = 2,
-    rtol: float = 1e-4,
+    rtol: float = RUNTIME_RTOL,
 ) -> CpuRunner:
     """Time each backend on ``example`` and return a runner for the fastest one that reproduces the model.
 
@@ -75,7 +75,7 @@ def fastest_cpu_runner(
         backends: candidates from :data:`CPU_BACKENDS`; one whose package is missing is skipped with a warning.
         iters, warmup: timed and untimed calls per candidate (medians are compared).
         rtol: a candidate whose output differs from the torch deploy model by more than this (relative to the
-            output scale) is rejected.
+            output scale) is rejected; default :data:`repvgg_tools.contract.RUNTIME_RTOL` (1e-4).
 
     Raises:
         ValueError: an unknown backend name, or no candidate left.
@@ -98,7 +98,7 @@ def fastest_cpu_runner(
         except ImportError as exc:
             log.warning("skipping %s: %s", backend, exc)
             continue
-        _, rel = compare_outputs(fn(example), reference)
+        _, rel = max_errors(fn(example), reference)
         if rel > rtol:
             log.warning("skipping %s: output differs from the deploy model by %.2e (relative)", backend, rel)
             continue

@@ -10,12 +10,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from .contract import FP32_RTOL as DEFAULT_RTOL  # re-exported: the fp32 contract
+from .contract import flatten_outputs, max_errors
+
 __all__ = ["VerifyResult", "compare_outputs", "verify_equivalence", "randomize_batchnorm", "flatten_outputs",
            "DEFAULT_RTOL"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_RTOL = 1e-5  # fp32 contract: max|a-b| / max|b| over all outputs
 
 
 @dataclass
@@ -38,34 +39,12 @@ class VerifyResult:
                 f"{verdict}")
 
 
-def flatten_outputs(out) -> list[Tensor]:
-    """Tensors of a model output, in a stable order: a tensor, list/tuple, or dict (sorted by key)."""
-    if isinstance(out, Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for k in sorted(out, key=str) for t in flatten_outputs(out[k])]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in flatten_outputs(o)]
-    raise TypeError(f"cannot compare outputs of type {type(out).__name__}")
-
-
 def compare_outputs(candidate, reference) -> tuple[float, float]:
-    """``(max_abs, max_rel)`` between two outputs of the same structure; relative to ``max|reference|``."""
-    cands, refs = flatten_outputs(candidate), flatten_outputs(reference)
-    if len(cands) != len(refs):
-        raise ValueError(f"outputs differ in count: {len(cands)} vs {len(refs)}")
-    max_abs, scale = 0.0, 0.0
-    for c, r in zip(cands, refs, strict=True):
-        if c.shape != r.shape:
-            raise ValueError(f"output shapes differ: {tuple(c.shape)} vs {tuple(r.shape)}")
-        c64, r64 = c.detach().double(), r.detach().double()
-        if not torch.isfinite(c64).all() or not torch.isfinite(r64).all():
-            return float("inf"), float("inf")
-        if c64.numel():
-            max_abs = max(max_abs, (c64 - r64).abs().max().item())
-            scale = max(scale, r64.abs().max().item())
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    return max_abs, max_rel
+    """``(max_abs, max_rel)`` between two outputs of the same structure; relative to ``max|reference|``.
+
+    :func:`repvgg_tools.contract.max_errors` under its historical name.
+    """
+    return max_errors(candidate, reference)
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from repvgg_tools import randomize_batchnorm, reparameterize, verify_equivalence
+from repvgg_tools.contract import FP32_RTOL
 from repvgg_tools.fusion import core as fusion
 from repvgg_tools.models import RepVGG
 from repvgg_tools.verify import DEFAULT_RTOL, VerifyResult, compare_outputs, flatten_outputs
@@ -31,8 +32,22 @@ def test_compare_tensors_is_relative_to_reference_scale():
     assert compare_outputs(ref, ref) == (0.0, 0.0)
     assert compare_outputs(torch.zeros(3), torch.zeros(3)) == (0.0, 0.0)
     assert compare_outputs(torch.ones(3), torch.zeros(3))[1] == math.inf
-    # computed in float64: a float16 candidate against a float32 reference
-    assert compare_outputs(ref.half(), ref)[1] == pytest.approx(0.0, abs=1e-3)
+    # computed in float64: a float16 candidate against a float32 reference. These values are exact in float16 (0);
+    # 3.1 is not, and the error is exactly the float16 rounding of the float32 value, relative to 2000
+    assert compare_outputs(ref.half(), ref) == (0.0, 0.0)
+    odd = ref.clone()
+    odd[1, 0] = 3.1
+    rounding = abs(float(odd[1, 0].half()) - float(odd[1, 0]))
+    assert rounding > 0 and compare_outputs(odd.half(), odd) == (rounding, rounding / 2000.0)
+    # the verdict is relative to the reference's scale: the same absolute error of 0.01 is within the fp32 tolerance
+    # on this reference (max 2000: 5e-6) and a wrong answer on its small-valued row alone (max 4: 2.5e-3)
+    wrong = ref.clone()
+    wrong[1, 0] += 0.01
+    assert compare_outputs(wrong, ref)[1] == pytest.approx(0.01 / 2000, rel=1e-6) and \
+        compare_outputs(wrong, ref)[1] <= FP32_RTOL
+    assert compare_outputs(wrong[1], ref[1])[1] == pytest.approx(0.01 / 4, rel=1e-6) and \
+        compare_outputs(wrong[1], ref[1])[1] > FP32_RTOL
+    assert compare_outputs(cand, ref)[1] > FP32_RTOL  # the 0.5 above: a wrong answer even at scale 2000
 
 
 def test_compare_lists_and_dicts():

@@ -1,8 +1,10 @@
 """Run the graph fuser over many networks nobody wrote it for (torchvision and timm), and check each result.
 
-For every model: random weights with randomized BatchNorm statistics, ``graph_fuse`` on one input, then the fused
-model against the original on a batch of two (fp32, max|a-b|/max|b|). The report gives the sub-graphs fused, the
-BatchNorms left (and why, from the fuser's report), the modules it could not trace, the class kept and the time.
+For every model: random weights with randomized BatchNorm statistics, in float64, ``graph_fuse`` on one input, then
+the fused model against the original on a batch of two (max|a-b|/max|b| in float64, held to the graph fuser's own
+tolerance, ``repvgg_tools.contract.GRAPH_FUSER_RTOL``: a correct fusion is exact up to float64 rounding). The
+report gives the sub-graphs fused, the BatchNorms left (and why, from the fuser's report), the modules it could not
+trace, the class kept and the time.
 Exits 1 if any model raises or misses the tolerance.
 
     python tools/fuser_sweep.py                                  # the default zoo, 96x96 inputs
@@ -21,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from repvgg_tools.cli.common import Parser, run_command  # noqa: E402
+from repvgg_tools.contract import GRAPH_FUSER_RTOL as RTOL  # noqa: E402
 
 DEFAULT_MODELS = [
     "tv:resnet18", "tv:mobilenet_v3_small", "tv:efficientnet_b0", "tv:regnet_x_400mf", "tv:shufflenet_v2_x0_5",
@@ -31,7 +34,6 @@ DEFAULT_MODELS = [
     "timm:vovnet39a", "timm:gernet_s", "timm:resnest14d", "timm:poolformer_s12", "timm:lcnet_050",
     "timm:mobileone_s0", "timm:fastvit_t8", "timm:repvgg_a0", "timm:repghostnet_050",
 ]
-RTOL = 1e-4  # fp32 end to end over a whole network with random BN statistics (the fusion itself is float64-exact)
 
 
 def build(spec: str):
@@ -51,12 +53,12 @@ def sweep_one(spec: str, size: int) -> dict:
     import torch
 
     from repvgg_tools import randomize_batchnorm
+    from repvgg_tools.contract import max_errors
     from repvgg_tools.fx.fuser import graph_fuse
-    from repvgg_tools.verify import compare_outputs
 
     torch.manual_seed(0)
-    model = randomize_batchnorm(build(spec), seed=1).eval()
-    x = torch.randn(2, 3, size, size)
+    model = randomize_batchnorm(build(spec), seed=1).eval().double()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
     start = time.perf_counter()
     fused, report = graph_fuse(model, (x[:1],))
     seconds = time.perf_counter() - start
@@ -67,7 +69,7 @@ def sweep_one(spec: str, size: int) -> dict:
     return {"fused": len(report.fused), "bn_before": sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                                                           for m in model.modules()),
             "bn_left": bns, "not_traced": len(report.skipped), "class_kept": type(fused) is type(model),
-            "max_rel": compare_outputs(ours, ref)[1], "seconds": seconds,
+            "max_rel": max_errors(ours, ref)[1], "seconds": seconds,
             "unfused": sorted({why.split(":", 1)[-1].strip()[:100] for _, why in report.unfused})[:4]}
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..contract import FP32_RTOL, FP64_RTOL
 from .timing import count_flops, time_on
 
 __all__ = ["TORCHVISION_MODELS", "FP64_RTOL", "EngineUnsupported", "build_model", "model_cost", "prepare",
@@ -28,7 +29,6 @@ __all__ = ["TORCHVISION_MODELS", "FP64_RTOL", "EngineUnsupported", "build_model"
 log = logging.getLogger(__name__)
 
 TORCHVISION_MODELS = ("resnet18", "resnet50")
-FP64_RTOL = 1e-12  # design.md section 5: deploy vs training in float64
 CL = torch.channels_last
 
 
@@ -117,9 +117,9 @@ def equivalence(models: dict, device: torch.device, batch: int, size: int, seed:
     """
     import numpy as np
 
+    from ..contract import max_errors
     from ..export.precision import check_metrics, output_metrics
     from ..reparam import reparameterize
-    from ..verify import DEFAULT_RTOL, compare_outputs
 
     train, deploy = models["training"], models["deploy"]
     x = random_images(batch, size, seed).to(device).contiguous(memory_format=CL)
@@ -131,11 +131,11 @@ def equivalence(models: dict, device: torch.device, batch: int, size: int, seed:
     del train64
     with _autocast(device, "fp16"):
         half = deploy(x)
-    rel32, rel64 = compare_outputs(cand, ref)[1], compare_outputs(cand64, ref64)[1]
-    noise = compare_outputs(ref, ref64)[1]
+    rel32, rel64 = max_errors(cand, ref)[1], max_errors(cand64, ref64)[1]
+    noise = max_errors(ref, ref64)[1]
     metrics = output_metrics([half.float().cpu().numpy()], [ref.cpu().numpy().astype(np.float64)])
     ok16, summary16 = check_metrics(metrics, "fp16")
-    result = {"samples": batch, "fp32_max_rel": rel32, "fp32_rtol": DEFAULT_RTOL, "fp32_passed": rel32 <= DEFAULT_RTOL,
+    result = {"samples": batch, "fp32_max_rel": rel32, "fp32_rtol": FP32_RTOL, "fp32_passed": rel32 <= FP32_RTOL,
               "fp64_max_rel": rel64, "fp64_rtol": FP64_RTOL, "fp64_passed": rel64 <= FP64_RTOL,
               "fp32_noise_training_vs_fp64": noise, "fp16_dtype": str(half.dtype).replace("torch.", ""),
               "fp16_cosine": metrics["cosine"], "fp16_top1_agreement": metrics["top1_agreement"],

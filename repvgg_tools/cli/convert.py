@@ -16,6 +16,7 @@ from .common import EXIT_OK, EXIT_USAGE, EXIT_VERIFY, Parser, error, one_line, r
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..contract import DTYPE_RTOL, FUSION_RTOL
     from ..conversion.layouts import LAYOUT_NAMES
 
     p = Parser(
@@ -34,9 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="convert the EMA weights (model_ema/state_dict_ema/ema)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the equivalence check (faster)")
     p.add_argument("--rtol", type=float, help="tolerance of the fusion check, max|a-b|/max|b| between the training "
-                   "form and the deploy form with the unrounded float64 fused weights, both in float64 (default 1e-10, "
-                   "any dtype; the written weights must also be that fusion rounded once, exactly; the forward with "
-                   "the written weights is reported, not judged). With --model: the graph fuser's float64 tolerance")
+                   f"form and the deploy form with the unrounded float64 fused weights, both in float64 (default "
+                   f"{FUSION_RTOL:g}, any dtype; the written weights must also be that fusion rounded once, exactly; "
+                   "the forward with the written weights is reported, not judged). With --model: the tolerance of the "
+                   "float64 check of the fused model against yours (default: the one for your model's dtype: "
+                   + ", ".join(f"{k} {v:g}" for k, v in DTYPE_RTOL.items()) + ")")
     p.add_argument("--bn-eps", type=float, metavar="EPS", help="BatchNorm epsilon the model was trained with "
                    "(default: the checkpoint's bn_eps entry, else 1e-5, PyTorch's default)")
     p.add_argument("--model", metavar="PKG.MODULE:FACTORY", help="your own network: import FACTORY from your code "
@@ -117,7 +120,7 @@ def _convert_user_model(args: argparse.Namespace) -> int:
     try:
         report = convert_user_model(args.model, args.input, args.output, export_onnx=args.export_onnx,
                                     force=args.force, verify=args.verify, ema=args.ema,
-                                    input_shape=args.input_shape, **({"rtol": args.rtol} if args.rtol else {}))
+                                    input_shape=args.input_shape, rtol=args.rtol)
     except FusionVerificationError as exc:
         error(f"{one_line(exc)}; nothing written")
         return EXIT_VERIFY
@@ -127,7 +130,7 @@ def _convert_user_model(args: argparse.Namespace) -> int:
         for line in report["unfused"][:10]:
             print(f"  unfused:   {line}")
         if v:
-            print(f"verify:      float64: max rel err {v['max_rel']:.3e} ok")
+            print(f"verify:      float64: max rel err {v['max_rel']:.3e} (tolerance {v['rtol']:.0e}) ok")
         print(f"wrote {args.output}" + (f" and {args.export_onnx}" if args.export_onnx else ""))
     if args.json:
         _write_json(args.json, {**report, "exit_code": EXIT_OK}, force=args.force)

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..contract import FUSION_RTOL
 from ..io.checkpoint import check_output_path, read_checkpoint, save_checkpoint
 from ..io.memory import overlaps_itself, shared_memory_keys, tensors_in
 from .arch import ArchHints, checkpoint_hints
-from .check import FUSION_RTOL, ConversionReport, VerificationError
+from .check import ConversionReport, VerificationError
 from .layouts import LAYOUT_NAMES, LAYOUTS, ConversionError, detect_layout, rename_layout
 from .walk import Converted, Job, convert_repvgg, convert_vgg, param_count
 
@@ -79,7 +80,7 @@ def convert_state_dict(
             builder arguments, BatchNorm epsilon.
         rtol: tolerance of the fusion check, ``max|a-b| / max|b|`` between the training form and the deploy form
             with the unrounded float64 fused tensors, both in float64; default
-            :data:`repvgg_tools.conversion.check.FUSION_RTOL` (1e-10), whatever the weights' dtype.
+            :data:`repvgg_tools.contract.FUSION_RTOL` (1e-10), whatever the weights' dtype.
         bn_eps: BatchNorm epsilon the model was trained with; default: ``hints.bn_eps``, else 1e-5.
         input_size: side of the random verification inputs (default 64 for RepVGG, 32 for VGG).
         progress: show a progress bar on stderr for large models.

@@ -5,8 +5,8 @@ A conversion is checked in two parts that cannot hide each other (design.md sect
 (a) *the fusion is exact*: the training-form forward computed from the tensors *read* (training branches, declared
     BatchNorm epsilon) against the deploy-form forward computed from the *unrounded float64* fused tensors, both in
     float64. Nothing is rounded to the weights' dtype on either side, so a correct fusion lands at 1e-15..1e-13 for
-    every dtype and one tolerance (:data:`FUSION_RTOL`) holds; a wrong one (eps, a dropped branch, a wrong statistic,
-    one weight off by 1e-4) lands far above it.
+    every dtype and one tolerance (:data:`repvgg_tools.contract.FUSION_RTOL`) holds; a wrong one (eps, a dropped
+    branch, a wrong statistic, one weight off by 1e-4) lands far above it.
 (b) *the rounding is right*: every written kernel and bias equals that float64 fusion rounded once to its dtype,
     bit for bit, checked after the whole walk (so a later in-place write through shared memory is caught too).
 
@@ -31,18 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..verify import compare_outputs
+from ..contract import FUSION_RTOL, max_errors
 from .arch import Arch
 from .branches import CHUNK_ELEMENTS, BlockParts, BranchBN
 
 __all__ = ["ConversionReport", "VerificationError", "Verifier", "FUSION_RTOL", "block_reference"]
 
-# max|a-b| / max|b| of check (a), for weights of any dtype (the fusion and both forwards are float64). Measured:
-# correct conversions 5e-16..7.7e-13 (the worst: timm repvgg_d2se with randomized BatchNorms, whose forward amplifies
-# float64 rounding too; repvgg_a0, b1g4, vgg16_bn, qarepvgg_a0, fp16/bf16/fp64 files 2e-15..5e-15); small wrong
-# fusions 2e-9 (one fused weight off by 1e-6 relative) and 1e-8 (BatchNorm eps off by 1e-3 relative). 1e-10 sits
-# two orders above the one and one below the other
-FUSION_RTOL = 1e-10
 
 
 @dataclass
@@ -265,11 +259,11 @@ class Verifier:
         return torch.randn(*shape, generator=self.gen, dtype=torch.float64)
 
     def _record(self, out, ref) -> None:
-        a, r = compare_outputs(out, ref)
+        a, r = max_errors(out, ref)
         self.max_abs, self.max_rel = max(self.max_abs, a), max(self.max_rel, r)
 
     def _record_rounded(self, out, ref) -> None:
-        a, r = compare_outputs(out, ref)
+        a, r = max_errors(out, ref)
         self.rounded_max_abs, self.rounded_max_rel = max(self.rounded_max_abs, a), max(self.rounded_max_rel, r)
 
     @staticmethod

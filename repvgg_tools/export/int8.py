@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from ..contract import INT8_MAX_REL_ERROR, INT8_MIN_COSINE, INT8_MIN_FEATURE_COSINE, INT8_MIN_TOP1, max_errors
 from .calibration import MIN_HELD_OUT, CalibrationSource, is_digits_model
 from .precision import PrecisionError
 
@@ -55,12 +56,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Int8Floors:
-    """Pass/fail limits of the int8 check (module docstring: values and reasoning)."""
+    """Pass/fail limits of the int8 check (module docstring: values and reasoning); defaults from
+    :mod:`repvgg_tools.contract`."""
 
-    min_top1: float = 0.95
-    min_cosine: float = 0.99
-    min_feature_cosine: float = 0.97
-    max_rel_error: float = 0.3
+    min_top1: float = INT8_MIN_TOP1
+    min_cosine: float = INT8_MIN_COSINE
+    min_feature_cosine: float = INT8_MIN_FEATURE_COSINE
+    max_rel_error: float = INT8_MAX_REL_ERROR
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_top1 <= 1:
@@ -93,9 +95,7 @@ def int8_metrics(candidate: Sequence[np.ndarray], reference: Sequence[np.ndarray
     result: dict[str, Any] = {"samples": int(n), "finite": bool(finite), "classifier": classifier}
     if not finite:
         return result
-    scale = max(float(np.abs(r).max()) if r.size else 0.0 for r in ref)
-    max_abs = max(float(np.abs(c - r).max()) if r.size else 0.0 for c, r in zip(cand, ref, strict=True))
-    result["max_rel"] = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    result["max_rel"] = max_errors(cand, ref)[1]
     cosines, rel_errors = [], []
     for c, r in zip(cand, ref, strict=True):
         c2, r2 = c.reshape(n, -1), r.reshape(n, -1)

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ..contract import FP16_MIN_COSINE, FP16_MIN_TOP1, ONNX_FP32_RTOL, max_errors
+
 __all__ = [
     "PRECISIONS", "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "PrecisionError", "to_fp16", "quantize_int8",
     "calibration_images", "digits_images", "folder_images", "output_metrics", "check_metrics", "onnx_precision",
@@ -30,9 +32,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_IMAGE_PIXELS = 50_000_000  # declared width x height above this is refused before decoding (real photos: < 50 MP)
 
-FP32_RTOL = 1e-4  # max|onnx - torch| / max|torch|
-FP16_MIN_COSINE = 0.9999
-FP16_MIN_TOP1 = 0.99
 FP16_MAX = 65504.0
 
 
@@ -219,10 +218,7 @@ def output_metrics(candidate: Sequence[np.ndarray], reference: Sequence[np.ndarr
         result["top1_agreement"] = float((cand[0].argmax(1) == ref[0].argmax(1)).mean())
     if not finite:
         return result
-    max_abs = max(float(np.abs(c - r).max()) if r.size else 0.0 for c, r in zip(cand, ref, strict=True))
-    scale = max(float(np.abs(r).max()) if r.size else 0.0 for r in ref)
-    result["max_abs"] = max_abs
-    result["max_rel"] = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    result["max_abs"], result["max_rel"] = max_errors(cand, ref)
     c_flat = np.concatenate([c.reshape(n, -1) for c in cand], axis=1)
     r_flat = np.concatenate([r.reshape(n, -1) for r in ref], axis=1)
     norms = np.linalg.norm(c_flat, axis=1) * np.linalg.norm(r_flat, axis=1)
@@ -260,17 +256,18 @@ def max_activation(model: Any, inputs: Sequence[Any]) -> float:
 def check_metrics(metrics: dict, precision: str) -> tuple[bool, str]:
     """``(passed, reason)`` of the verification contract for a precision (see design.md section 5).
 
-    fp32: ``max_rel <= 1e-4``; fp16: cosine >= 0.9999, the same top-1 on >= 99% of samples and, when ``metrics``
-    has ``max_activation`` (see :func:`max_activation`), no activation beyond fp16's 65504; int8: finite outputs
-    only (the int8 contract, floors on held-out images, is :func:`repvgg_tools.export.int8.verify_int8`).
+    fp32: ``max_rel <= ONNX_FP32_RTOL`` (1e-4); fp16: cosine >= ``FP16_MIN_COSINE`` (0.9999), the same top-1 on
+    >= ``FP16_MIN_TOP1`` (99%) of samples (constants of :mod:`repvgg_tools.contract`) and, when ``metrics`` has
+    ``max_activation`` (see :func:`max_activation`), no activation beyond fp16's 65504; int8: finite outputs only
+    (the int8 contract, floors on held-out images, is :func:`repvgg_tools.export.int8.verify_int8`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}")
     if not metrics["finite"]:
         return False, "outputs contain NaN or Inf"
     if precision == "fp32":
-        ok = metrics["max_rel"] <= FP32_RTOL
-        return ok, f"max rel err {metrics['max_rel']:.3e} (tolerance {FP32_RTOL:.0e})"
+        ok = metrics["max_rel"] <= ONNX_FP32_RTOL
+        return ok, f"max rel err {metrics['max_rel']:.3e} (tolerance {ONNX_FP32_RTOL:.0e})"
     top1 = metrics["top1_agreement"]
     top1_text = "" if top1 is None else f", top-1 agreement {top1:.1%}"
     if precision == "fp16":

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..contract import ENGINE_FP32_RTOL
 from .precision import check_metrics, onnx_precision, output_metrics
 
 __all__ = [
@@ -30,7 +31,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BACKENDS = ("tensorrt", "tensorrt_rtx")
-ENGINE_FP32_RTOL = 1e-3
 
 
 class TensorRTError(Exception):

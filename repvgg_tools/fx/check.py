@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..contract import max_errors
 from .maps import AffineMap, as_pair
 from .match import _BN_FORWARDS
 
@@ -69,8 +70,7 @@ def check_replacement(gm, found, node: fx.Node, m: AffineMap, seed: int = 0) -> 
         return float("inf")
     if ref.shape != fused.shape:
         return float("inf")
-    scale = ref.abs().max().item()
-    return (fused - ref).abs().max().item() / scale if scale > 0 else float((fused - ref).abs().max().item() > 0)
+    return max_errors(fused, ref)[1]
 
 
 def evaluate_subgraph(gm, analysis, m: AffineMap, out: fx.Node, x: torch.Tensor) -> torch.Tensor:

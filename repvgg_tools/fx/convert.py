@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..contract import rtol_for
 from ..conversion.layouts import ConversionError
 from ..io.checkpoint import read_checkpoint, save_checkpoint
 from ..io.paths import check_outputs
 from ..reparam import reparameterize
-from ..verify import DEFAULT_RTOL, VerifyResult, verify_equivalence
+from ..verify import VerifyResult, verify_equivalence
 from .fuser import example_inputs_for
 
 __all__ = ["load_factory", "convert_user_model", "FusionVerificationError"]
@@ -63,7 +64,7 @@ def convert_user_model(
     factory: str | Callable[..., nn.Module], input: str | os.PathLike, output: str | os.PathLike, *,
     export_onnx: str | os.PathLike | None = None, force: bool = False, verify: bool = True, ema: bool = False,
     input_shape: Sequence[int] | None = None, factory_kwargs: Mapping[str, Any] | None = None,
-    rtol: float = DEFAULT_RTOL,
+    rtol: float | None = None,
 ) -> dict:
     """Build the user's model, load ``input``, fuse it (blocks' methods, Conv->BN folds, the graph fuser), verify in
     float64 against the training model, and save the deploy checkpoint (and optionally a plain ONNX).
@@ -82,6 +83,9 @@ def convert_user_model(
         force: overwrite existing outputs.
         verify: compare the fused model with the training model (float64, random inputs); refuse to write beyond
             ``rtol``.
+        rtol: tolerance of that check, ``max|a-b| / max|b|``; default: the contract's for the model's dtype
+            (:func:`repvgg_tools.contract.rtol_for`: fp32 1e-5, float64 1e-12, fp16 5e-3, bf16 4e-2; the loosest of
+            its floating-point parameters' dtypes), since the fused weights are stored rounded to that dtype.
         ema: load the checkpoint's EMA weights.
         input_shape: ``(N, C, H, W)`` of the model's input; default ``(1, C, 64, 64)`` sized from its first Conv2d.
         factory_kwargs: keyword arguments for the factory.
@@ -115,6 +119,7 @@ def convert_user_model(
     deploy, report = reparameterize(model, example_inputs=(example,), report=True)
     result = None
     if verify:
+        rtol = _model_rtol(model) if rtol is None else rtol
         result = verify_equivalence(copy.deepcopy(model).double(), copy.deepcopy(deploy).double(),
                                     tuple(example.shape), dtype=torch.float64, rtol=rtol, num_inputs=2)
         if not result.passed:
@@ -136,6 +141,15 @@ def convert_user_model(
     return {"fused": len(report.fused), "unfused": [f"{w}: {why}" for w, why in report.unfused],
             "skipped": [f"{w}: {why}" for w, why in report.skipped], "verify": result.as_dict() if result else None,
             "output": str(saved), "onnx": onnx_path, "report": report}
+
+
+def _model_rtol(model: nn.Module) -> float:
+    """The contract's tolerance for the dtypes of ``model``'s floating-point parameters and buffers (the loosest)."""
+    dtypes = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()} or {torch.float32}
+    try:
+        return max(rtol_for(d) for d in dtypes)
+    except ValueError as exc:
+        raise ConversionError(f"cannot verify the model: {exc} (pass rtol)") from None
 
 
 def _load(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from ..contract import GRAPH_FUSER_RTOL as VERIFY_RTOL  # this, or 10 ulp of the model's dtype if larger
 from ..io.errors import one_line
 from . import plan as graph_plan
 from .check import build_module, check_replacement, float64_modules
@@ -29,10 +30,6 @@ from .trace import FusionTracer, Traced, propagate
 __all__ = ["FuseReport", "FusedItem", "graph_fuse", "example_inputs_for", "VERIFY_RTOL"]
 
 log = logging.getLogger(__name__)
-
-# float64 check of each replacement, max|a-b| / max|b|: this, or 10 ulp of the model's dtype if larger (constants a
-# model computes itself, such as DBB's pad values, are exact to its own precision only)
-VERIFY_RTOL = 1e-10
 
 
 @dataclass
