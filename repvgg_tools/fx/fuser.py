@@ -38,11 +38,15 @@ VERIFY_RTOL = 1e-10
 @dataclass
 class FuseReport:
     """What :func:`graph_fuse` did: ``fused`` replacements, ``unfused`` (where, reason) pairs and ``skipped``
-    (module, reason) pairs for modules that could not be traced."""
+    (module, reason) pairs for modules that could not be traced. :func:`repvgg_tools.reparameterize` adds the
+    blocks' own methods: ``methods`` (where, method, how it was checked) for those used and ``undone`` (where,
+    method, why) for those whose result was refused (the block was restored and left to the graph path)."""
 
     fused: list[FusedItem] = field(default_factory=list)
     unfused: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    methods: list[tuple[str, str, str]] = field(default_factory=list)
+    undone: list[tuple[str, str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"fused {len(self.fused)} sub-graphs, {len(self.unfused)} left unfused, "
@@ -51,6 +55,9 @@ class FuseReport:
                   f"(rel err {f.max_rel:.1e})" for f in self.fused]
         lines += [f"  unfused {where}: {why}" for where, why in self.unfused]
         lines += [f"  not traced {where}: {why}" for where, why in self.skipped]
+        lines += [f"  method {where or '<model>'}.{name}(): used ({how})" for where, name, how in self.methods]
+        lines += [f"  method {where or '<model>'}.{name}(): undone, {why}; left to the graph path"
+                  for where, name, why in self.undone]
         return "\n".join(lines)
 
 
