@@ -232,7 +232,8 @@ def _fuse_module(module: nn.Module, path: str, ctx: _Context) -> None:
         if ctx.inputs is None:
             ctx.inputs = _capture_inputs(ctx.model, ctx.candidates) or {}
         for name, child in module.named_children():
-            _fuse_module(child, join(path, name), ctx)
+            if not _torch_leaf(child):  # a torch BatchNorm, conv or activation alone has nothing to fuse
+                _fuse_module(child, join(path, name), ctx)
         return
     traced = Traced(module, graph, tracer.calls, tracer.constants)
     found = graph_plan.plan(traced, modules=modules)
@@ -245,6 +246,10 @@ def _fuse_module(module: nn.Module, path: str, ctx: _Context) -> None:
         ctx.replacements += plan_rewrites(module, traced, found, accepted, path,
                                           whole=ctx.whole_model and not path, report=ctx.report,
                                           training=ctx.top_mode)
+
+
+def _torch_leaf(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.nn.") and not module._modules
 
 
 def _accept(traced: Traced, found, todo: dict, path: str, ctx: _Context) -> list[tuple]:
