@@ -198,14 +198,16 @@ def _block_inputs(model: nn.Module, example_inputs: tuple | None, found: dict) -
     return {}
 
 
-def _check_inputs(module: nn.Module, captured: tuple) -> list[tuple[tuple, dict]]:
+def _check_inputs(module: nn.Module, captured: tuple):
     """Random float64 inputs shaped like ``captured`` (batch 1): cropped to a few pixels more than twice the block's
-    largest kernel extent, then at full size (for blocks that need it)."""
+    largest kernel extent, then (made only if the crop does not run) at full size, for blocks that need it."""
     extent = max([(k - 1) * d + 1 for m in module.modules() if isinstance(m, nn.Conv2d)
                   for k, d in zip(m.kernel_size, m.dilation, strict=True)] or [1])
+    args, kwargs = captured
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     crop = max(8, 2 * extent + 4)
-    out = []
-    for size in (crop, None):
+    sizes = [crop] + ([None] if any(t.dim() == 4 and max(t.shape[2:]) > crop for t in tensors) else [])
+    for size in sizes:
         gen = torch.Generator().manual_seed(0)
 
         def fresh(t, size=size, gen=gen):
@@ -217,12 +219,7 @@ def _check_inputs(module: nn.Module, captured: tuple) -> list[tuple[tuple, dict]
                 shape[2:] = [min(s, size) for s in shape[2:]]
             return torch.randn(*shape, generator=gen, dtype=torch.float64).to(t.device)
 
-        args, kwargs = captured
-        candidate = (tuple(fresh(a) for a in args), {k: fresh(v) for k, v in kwargs.items()})
-        shapes = [tuple(t.shape) for t in (*candidate[0], *candidate[1].values()) if isinstance(t, torch.Tensor)]
-        if not out or shapes != out[0][2]:
-            out.append((*candidate, shapes))
-    return [(a, k) for a, k, _ in out]
+        yield tuple(fresh(a) for a in args), {k: fresh(v) for k, v in kwargs.items()}
 
 
 @torch.no_grad()
