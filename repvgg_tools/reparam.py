@@ -150,12 +150,16 @@ def call_deploy_methods(model: nn.Module, example_inputs: tuple | None = None, *
                 report.methods.append((path, name, how))
                 return
             report.undone.append((path, name, outcome[1]))
-            log.warning("%s.%s() undone (%s): the block is left to Conv->BN folding and the graph fuser",
-                        path or type(module).__name__, name, outcome[1])
         for child_name, child in list(module.named_children()):
             visit(child, module, child_name, f"{path}.{child_name}" if path else child_name)
 
+    undone_before = len(report.undone)
     visit(model, None, "", "")
+    undone = report.undone[undone_before:]
+    if undone:
+        where, name, why = undone[0]
+        log.warning("%d block method(s) undone (first: %s.%s(): %s): those blocks are left to Conv->BN folding and "
+                    "the graph fuser; the report lists them", len(undone), where or type(model).__name__, name, why)
     return called
 
 
