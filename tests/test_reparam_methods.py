@@ -328,13 +328,19 @@ def test_torch_batchnorms_are_not_reported_as_untraced():
 
 
 def test_added_cost_is_small():
-    """20 blocks with correct methods: the checks cost little next to the conversion itself."""
+    """20 blocks with correct methods: the checks cost little next to the conversion itself (one thread: on a
+    shared machine, waiting for a second thread's time slice dominates the float64 checks' tiny operations)."""
     model = _net(*[OfficialStyle() for _ in range(20)], seed=8)
-    start = time.perf_counter()
-    _, report = reparameterize(model, report=True)
-    checked = time.perf_counter() - start
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        _, report = reparameterize(model, report=True)
+        checked = time.perf_counter() - start
+        start = time.perf_counter()
+        reparameterize(model, methods=False)
+        graph_only = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
     assert len(report.methods) == 20
-    start = time.perf_counter()
-    reparameterize(model, methods=False)
-    graph_only = time.perf_counter() - start
-    assert checked < max(2.0, 5 * graph_only), (checked, graph_only)  # ~1.7 ms a block on one idle core
+    assert checked < max(1.0, 5 * graph_only), (checked, graph_only)  # ~2 ms a block on one idle core
