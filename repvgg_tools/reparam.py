@@ -11,8 +11,11 @@ import torch
 from torch import nn
 
 from .blocks import conv_bn_kernel_bias
-from .fx.fuser import FuseReport, graph_fuse
+from .fx.check import float64_modules
+from .fx.fuser import VERIFY_RTOL, FuseReport, example_inputs_for, graph_fuse
 from .fx.trace import FusionTracer
+from .io.errors import one_line
+from .verify import compare_outputs
 
 __all__ = ["reparameterize", "fold_conv_bn", "call_deploy_methods", "METHOD_NAMES"]
 
@@ -37,7 +40,11 @@ def reparameterize(
     1. Blocks' own conversion methods (``methods``): ``reparameterize()`` (ours, timm), ``switch_to_deploy()`` (the
        official RepVGG/DBB code, MMPretrain, YOLOv6) or ``fuse()`` (timm's RepViT/EfficientViT: a returned module
        replaces the block), called top-down on the first module of a branch that has one and takes no required
-       argument; its children are then left to it. Modules of torch itself are never called.
+       argument; its children are then left to it. Modules of torch itself are never called. Each method runs on
+       a float64 copy of its block, and the result is checked against the block in float64 on a small input (the
+       block's input shape comes from one forward of ``example_inputs``): a method that raises or whose result does
+       not reproduce the block is undone (the block stays exactly as it was, for steps 2 and 3; its children's
+       methods are tried), and the report says why.
     2. Conv2d->BatchNorm2d folding: inside an ``nn.Sequential`` the BN entry is removed (index-named entries are
        renumbered, so ``vgg16_bn`` becomes exactly the ``vgg16`` layout); elsewhere pairs found by tracing with
        ``torch.fx`` fold and the BN becomes ``nn.Identity`` (only a BN that nothing else reads).
@@ -55,7 +62,8 @@ def reparameterize(
         graph: run the graph fuser.
         example_inputs: inputs of one forward call for the graph fuser (default: a 64x64 image sized from the first
             Conv2d).
-        report: also return the graph fuser's :class:`~repvgg_tools.fx.fuser.FuseReport`.
+        report: also return the graph fuser's :class:`~repvgg_tools.fx.fuser.FuseReport` (with the methods used
+            and undone).
 
     Returns:
         The re-parameterized model (``model`` itself when ``inplace``, unless replaced), or ``(model, report)``.
@@ -67,11 +75,13 @@ def reparameterize(
         )
     if not inplace:
         model = copy.deepcopy(model)
-    blocks = call_deploy_methods(model) if methods else 0
+    method_report = FuseReport()
+    blocks = call_deploy_methods(model, example_inputs, report=method_report) if methods else 0
     folded = fold_conv_bn(model)
     fuse_report = FuseReport()
     if graph:
         model, fuse_report = graph_fuse(model, example_inputs, inplace=True)
+    fuse_report.methods, fuse_report.undone = method_report.methods, method_report.undone
     log.info("reparameterized %d blocks by their methods, folded %d Conv2d->BatchNorm2d pairs, fused %d sub-graphs",
              blocks, folded, len(fuse_report.fused))
     return (model, fuse_report) if report else model
@@ -97,33 +107,210 @@ def _deploy_method(module: nn.Module):
     return None, None
 
 
-def call_deploy_methods(model: nn.Module) -> int:
-    """Call the blocks' own deploy methods (see :func:`reparameterize`), top-down, in place.
+def call_deploy_methods(model: nn.Module, example_inputs: tuple | None = None, *, report: FuseReport | None = None,
+                        verify: bool = True) -> int:
+    """Call the blocks' own deploy methods (see :func:`reparameterize`), top-down; only checked results change
+    ``model`` (in place).
+
+    Each method runs on a copy of its block (in float64 when ``verify``); the copy replaces the block's contents
+    (the block object stays, so references to it stay valid) once its output matches the original block's in
+    float64 on a small random input shaped like the block's input in one forward of ``example_inputs`` (default:
+    the 64x64 image of :func:`~repvgg_tools.fx.fuser.example_inputs_for`). A method that raises, or whose result
+    does not match, is undone: the block is left exactly as it was and its children's methods are tried instead.
+    A block the example forward does not reach (or a model that does not run on it) takes its method's result
+    unchecked, as long as the method does not raise.
+
+    Args:
+        model: the model, changed in place.
+        example_inputs: positional inputs of one forward call (for the blocks' input shapes).
+        report: a :class:`~repvgg_tools.fx.fuser.FuseReport` whose ``methods`` and ``undone`` lists are filled.
+        verify: check each method's result (``False``: only a method that raises is undone).
 
     Returns:
-        The number of methods called on modules not already deployed.
+        The number of methods used on modules not already deployed.
     """
+    report = report if report is not None else FuseReport()
+    found = {id(m): _deploy_method(m)[0] for m in model.modules() if id(m) not in _ACTIVE}
+    found = {k: v for k, v in found.items() if v is not None}
+    meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    inputs = _block_inputs(model, example_inputs, found) if verify and found and not meta else {}
     called = 0
 
-    def visit(module: nn.Module, parent: nn.Module | None, attr: str) -> None:
+    def visit(module: nn.Module, parent: nn.Module | None, attr: str, path: str) -> None:
         nonlocal called
-        name, method = (None, None) if id(module) in _ACTIVE else _deploy_method(module)
-        if method is None:
-            for child_name, child in list(module.named_children()):
-                visit(child, module, child_name)
-            return
-        if not getattr(module, "is_deployed", False):
-            called += 1
-        _ACTIVE.add(id(module))
-        try:
-            result = method()
-        finally:
-            _ACTIVE.discard(id(module))
-        if name == "fuse" and isinstance(result, nn.Module) and result is not module and parent is not None:
-            setattr(parent, attr, result)  # timm's convention: fuse() returns the replacement
+        name = found.get(id(module))
+        if name is not None:
+            deployed = getattr(module, "is_deployed", False)
+            outcome = _try_method(module, name, inputs.get(id(module)), replace=parent is not None, verify=verify)
+            if outcome[0] is not None:
+                new, how = outcome
+                if new is not module:
+                    setattr(parent, attr, new)  # timm's convention: fuse() returns the replacement
+                called += not deployed
+                report.methods.append((path, name, how))
+                return
+            report.undone.append((path, name, outcome[1]))
+        for child_name, child in list(module.named_children()):
+            visit(child, module, child_name, f"{path}.{child_name}" if path else child_name)
 
-    visit(model, None, "")
+    undone_before = len(report.undone)
+    visit(model, None, "", "")
+    undone = report.undone[undone_before:]
+    if undone:
+        where, name, why = undone[0]
+        log.warning("%d block method(s) undone (first: %s.%s(): %s): those blocks are left to Conv->BN folding and "
+                    "the graph fuser; the report lists them", len(undone), where or type(model).__name__, name, why)
     return called
+
+
+def _block_inputs(model: nn.Module, example_inputs: tuple | None, found: dict) -> dict:
+    """The first call arguments of each module in ``found`` (by id) in one eval-mode forward of the model."""
+    if example_inputs is not None:
+        candidates = [example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)]
+    else:
+        try:
+            candidates = example_inputs_for(model)
+        except Exception:  # noqa: BLE001 - no parameters to size an input from
+            candidates = []
+    seen: dict = {}
+
+    def hook(module, args, kwargs):
+        seen.setdefault(id(module), (args, kwargs))
+
+    modes = {m: m.training for m in model.modules()}
+    errors = []
+    try:
+        for m in modes:
+            m.training = False
+        for inputs in candidates:
+            seen.clear()
+            handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modes if id(m) in found]
+            try:
+                with torch.no_grad():
+                    model(*inputs)
+                return dict(seen)
+            except Exception as exc:  # noqa: BLE001 - a model that needs other inputs: try the next, then say so
+                errors.append(one_line(exc))
+            finally:
+                for h in handles:
+                    h.remove()
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    log.warning("the model did not run on an example input (%s): blocks' methods are used unchecked; pass "
+                "example_inputs", "; ".join(errors) or "no Conv2d or Linear to size one from")
+    return {}
+
+
+def _check_inputs(module: nn.Module, captured: tuple):
+    """Random float64 inputs shaped like ``captured`` (batch 1): cropped to a few pixels more than twice the block's
+    largest kernel extent, then (made only if the crop does not run) at full size, for blocks that need it."""
+    extent = max([(k - 1) * d + 1 for m in module.modules() if isinstance(m, nn.Conv2d)
+                  for k, d in zip(m.kernel_size, m.dilation, strict=True)] or [1])
+    args, kwargs = captured
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    crop = max(8, 2 * extent + 4)
+    sizes = [crop] + ([None] if any(t.dim() == 4 and max(t.shape[2:]) > crop for t in tensors) else [])
+    for size in sizes:
+        gen = torch.Generator().manual_seed(0)
+
+        def fresh(t, size=size, gen=gen):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                return t
+            shape = list(t.shape)
+            shape[:1] = [1] if shape else []
+            if size is not None and len(shape) == 4:
+                shape[2:] = [min(s, size) for s in shape[2:]]
+            return torch.randn(*shape, generator=gen, dtype=torch.float64).to(t.device)
+
+        yield tuple(fresh(a) for a in args), {k: fresh(v) for k, v in kwargs.items()}
+
+
+@torch.no_grad()
+def _run64(module: nn.Module, args: tuple, kwargs: dict):
+    """``module``'s output in float64 and eval mode (its tensors and training flags are put back after)."""
+    modes = {m: m.training for m in module.modules()}
+    try:
+        for m in modes:
+            m.training = False
+        with float64_modules([module]):
+            return module(*args, **kwargs)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _floating_dtypes(module: nn.Module) -> tuple[dict, torch.dtype | None]:
+    dtypes = {name: t.dtype for name, t in (*module.named_parameters(), *module.named_buffers())
+              if t is not None and t.is_floating_point()}
+    return dtypes, next(iter(dtypes.values()), None)
+
+
+@torch.no_grad()
+def _cast_back(module: nn.Module, dtypes: dict, default: torch.dtype) -> None:
+    """Give ``module``'s floating-point tensors their dtypes before the float64 trial (new ones: ``default``)."""
+    memo: dict = {}
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for store in (sub._parameters, sub._buffers):
+            for key, t in list(store.items()):
+                if t is None or not t.is_floating_point():
+                    continue
+                target = dtypes.get(f"{prefix}.{key}" if prefix else key, default)
+                if t.dtype == target:
+                    continue
+                if id(t) not in memo:
+                    cast = t.detach().to(target)
+                    memo[id(t)] = nn.Parameter(cast, t.requires_grad) if isinstance(t, nn.Parameter) else cast
+                store[key] = memo[id(t)]
+
+
+def _try_method(module: nn.Module, name: str, captured: tuple | None, *, replace: bool, verify: bool):
+    """Run ``module.<name>()`` on a copy and check the result; ``(module to use, how)`` or ``(None, why not)``.
+
+    The module to use is ``module`` itself with the copy's contents moved in, or (``fuse()`` returning another
+    module, when ``replace``) that module."""
+    dtypes, dtype = _floating_dtypes(module)
+    reference = inputs = None
+    why_unchecked = "not checked: the example forward does not reach it"
+    if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        why_unchecked = "not checked: meta tensors hold no values"
+    elif verify and captured is not None and dtype is not None:
+        why_unchecked = "not checked: it does not run in float64"
+        for args, kwargs in _check_inputs(module, captured):
+            try:
+                reference, inputs = _run64(module, args, kwargs), (args, kwargs)
+                break
+            except Exception as exc:  # noqa: BLE001 - try the full size, else use the method unchecked
+                why_unchecked = f"not checked: it does not run in float64 ({one_line(exc)[:120]})"
+    trial = copy.deepcopy(module)
+    if reference is not None:
+        trial.double()  # the method computes its kernel in float64; rounded once to the model's dtype below
+    _ACTIVE.add(id(trial))
+    try:
+        result = getattr(trial, name)()
+    except Exception as exc:  # noqa: BLE001 - published methods fail in many ways: the block stays as it was
+        return None, f"raised {type(exc).__name__}: {one_line(exc)[:200]}"
+    finally:
+        _ACTIVE.discard(id(trial))
+    new = result if replace and name == "fuse" and isinstance(result, nn.Module) and result is not trial else trial
+    how = why_unchecked
+    if reference is not None:
+        try:
+            err = compare_outputs(_run64(new, *inputs), reference)[1]
+        except Exception as exc:  # noqa: BLE001 - its result does not run: refuse it
+            return None, f"its result does not run ({type(exc).__name__}: {one_line(exc)[:160]})"
+        rtol = max(VERIFY_RTOL, 10 * torch.finfo(dtype).eps)
+        if not err <= rtol:
+            return None, f"did not verify: rel err {err:.1e} > {rtol:.0e} in float64"
+        how = f"checked in float64, rel err {err:.1e}"
+        _cast_back(new, dtypes, dtype)
+    if new is not trial:
+        return new, how
+    if type(trial) is not type(module):
+        module.__class__ = type(trial)
+    module.__dict__.clear()
+    module.__dict__.update(trial.__dict__)  # the block object stays (references to it too), with the new contents
+    return module, how
 
 
 @torch.no_grad()

@@ -35,11 +35,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class FuseReport:
     """What :func:`graph_fuse` did: ``fused`` replacements, ``unfused`` (where, reason) pairs and ``skipped``
-    (module, reason) pairs for modules that could not be traced."""
+    (module, reason) pairs for modules that could not be traced. :func:`repvgg_tools.reparameterize` adds the
+    blocks' own methods: ``methods`` (where, method, how it was checked) for those used and ``undone`` (where,
+    method, why) for those whose result was refused (the block was restored and left to the graph path)."""
 
     fused: list[FusedItem] = field(default_factory=list)
     unfused: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    methods: list[tuple[str, str, str]] = field(default_factory=list)
+    undone: list[tuple[str, str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"fused {len(self.fused)} sub-graphs, {len(self.unfused)} left unfused, "
@@ -48,6 +52,9 @@ class FuseReport:
                   f"(rel err {f.max_rel:.1e})" for f in self.fused]
         lines += [f"  unfused {where}: {why}" for where, why in self.unfused]
         lines += [f"  not traced {where}: {why}" for where, why in self.skipped]
+        lines += [f"  method {where or '<model>'}.{name}(): used ({how})" for where, name, how in self.methods]
+        lines += [f"  method {where or '<model>'}.{name}(): undone, {why}; left to the graph path"
+                  for where, name, why in self.undone]
         return "\n".join(lines)
 
 
@@ -222,7 +229,8 @@ def _fuse_module(module: nn.Module, path: str, ctx: _Context) -> None:
         if ctx.inputs is None:
             ctx.inputs = _capture_inputs(ctx.model, ctx.candidates) or {}
         for name, child in module.named_children():
-            _fuse_module(child, join(path, name), ctx)
+            if not _torch_leaf(child):  # a torch BatchNorm, conv or activation alone has nothing to fuse
+                _fuse_module(child, join(path, name), ctx)
         return
     traced = Traced(module, graph, tracer.calls, tracer.constants)
     found = graph_plan.plan(traced, modules=modules)
@@ -235,6 +243,10 @@ def _fuse_module(module: nn.Module, path: str, ctx: _Context) -> None:
         ctx.replacements += plan_rewrites(module, traced, found, accepted, path,
                                           whole=ctx.whole_model and not path, report=ctx.report,
                                           training=ctx.top_mode)
+
+
+def _torch_leaf(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.nn.") and not module._modules
 
 
 def _accept(traced: Traced, found, todo: dict, path: str, ctx: _Context) -> list[tuple]:
