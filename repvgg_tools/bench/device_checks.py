@@ -117,7 +117,7 @@ def equivalence(models: dict, device: torch.device, batch: int, size: int, seed:
     """
     import numpy as np
 
-    from ..export.precision import check_metrics, output_metrics
+    from ..export.metrics import check_metrics, output_metrics
     from ..reparam import reparameterize
     from ..verify import DEFAULT_RTOL, compare_outputs
 
@@ -215,7 +215,7 @@ def engine_check(models: dict, fp32_onnx: Any, precision: str, backend: Any, *, 
                                    f"{backend.version} has no FP16 builder flag"}
             build_precision = "fp16"
     elif precision == "int8":
-        from ..export.precision import quantize_int8
+        from ..export.int8 import quantize_int8
 
         proto = quantize_int8(fp32_onnx, random_images(calib_samples, size, seed=3).numpy())
     with tempfile.TemporaryDirectory(prefix="repvgg-engine-") as tmp:

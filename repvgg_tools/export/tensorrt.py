@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .precision import check_metrics, onnx_precision, output_metrics
+from .metrics import check_metrics, output_metrics
+from .precision import onnx_precision
 
 __all__ = [
     "BACKENDS", "TensorRTError", "BackendUnavailable", "BuildRefused", "BuildFailed", "Backend", "BuildPlan",
@@ -352,7 +353,7 @@ def compare(runner: EngineRunner, reference: Any, inputs: Sequence, precision: s
         reference: a PyTorch module (moved to the engine's device, run in float32 without TF32) or an
             onnxruntime session.
         inputs: batches.
-        precision: the contract to check (see :func:`~repvgg_tools.export.precision.check_metrics`); fp32 engines
+        precision: the contract to check (see :func:`~repvgg_tools.export.metrics.check_metrics`); fp32 engines
             are held to ``ENGINE_FP32_RTOL`` (1e-3) relative error instead of ONNX's 1e-4 (GPU kernels sum in other
             orders; TF32 is off on both sides).
 
