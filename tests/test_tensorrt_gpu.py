@@ -58,7 +58,8 @@ def engines(tmp_path_factory):
         if proc.returncode != 0:
             pytest.fail(f"{backend} could not build the {precision} engine: {proc.stderr.strip()[-500:]}")
         paths[precision] = engine
-    from repvgg_tools.export.tensorrt import EngineRunner, TensorRTError
+    from repvgg_tools.export.tensorrt import TensorRTError
+    from repvgg_tools.export.trt_runtime import EngineRunner
 
     try:
         EngineRunner(paths["fp32"], backend)
@@ -77,7 +78,7 @@ def test_sidecar_records_the_gpu(engines):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_engine_matches_pytorch_over_dynamic_batches(engines, precision):
-    from repvgg_tools.export.tensorrt import EngineRunner, compare
+    from repvgg_tools.export.trt_runtime import EngineRunner, compare
 
     model, backend, paths, _ = engines
     runner = EngineRunner(paths[precision], backend)
@@ -104,7 +105,7 @@ def test_engine_matches_pytorch_over_dynamic_batches(engines, precision):
 def test_engine_matches_onnxruntime(engines):
     pytest.importorskip("onnxruntime", exc_type=ImportError)
     from repvgg_tools.export.onnx import onnx_session
-    from repvgg_tools.export.tensorrt import EngineRunner, compare
+    from repvgg_tools.export.trt_runtime import EngineRunner, compare
 
     _, backend, paths, _ = engines
     runner = EngineRunner(paths["fp32"], backend)
@@ -114,7 +115,7 @@ def test_engine_matches_onnxruntime(engines):
 
 
 def test_batch_outside_profile_is_refused(engines):
-    from repvgg_tools.export.tensorrt import EngineRunner
+    from repvgg_tools.export.trt_runtime import EngineRunner
 
     _, backend, paths, _ = engines
     runner = EngineRunner(paths["fp32"], backend)
@@ -123,7 +124,7 @@ def test_batch_outside_profile_is_refused(engines):
 
 
 def test_benchmark(engines):
-    from repvgg_tools.export.tensorrt import benchmark
+    from repvgg_tools.export.trt_runtime import benchmark
 
     _, backend, paths, _ = engines
     for precision in ("fp32", "fp16", "int8"):

@@ -102,6 +102,7 @@ def bench_trt(names: list[str], args) -> dict:
         return {"skipped": "no CUDA device"}
     from repvgg_tools import create_model, reparameterize
     from repvgg_tools.export import tensorrt as trt
+    from repvgg_tools.export import trt_runtime
     from repvgg_tools.export.onnx import export_onnx, save_onnx
     from repvgg_tools.export.precision import to_fp16
 
@@ -131,7 +132,8 @@ def bench_trt(names: list[str], args) -> dict:
                     save_onnx(proto if prec == "fp32" else to_fp16(proto), path)
                     try:
                         engine, _, _ = trt.build_engine(path, backend=backend, max_batch=args.batch)
-                        r = trt.benchmark(engine, batch=args.batch, iters=max(args.iters, 50), backend=backend.name)
+                        r = trt_runtime.benchmark(engine, batch=args.batch, iters=max(args.iters, 50),
+                                                  backend=backend.name)
                         res[f"TensorRT {prec}"] = {**r["latency_ms"], "images_per_s": r["throughput"]}
                     except Exception as exc:
                         res[f"TensorRT {prec}"] = {"error": str(exc).splitlines()[0]}
