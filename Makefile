@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) tools/demo.py
+	$(PY) -m repvgg_tools.cli.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile

@@ -1,4 +1,4 @@
-"""tools/benchmark.py: a tiny real run writes a consistent report; bad arguments fail in one line."""
+"""tools/benchmark.py (repvgg-bench): a tiny real run writes a consistent report; bad arguments fail in one line."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = [sys.executable, "-m", "repvgg_tools.cli.benchmark"]  # run with cwd=ROOT: this checkout's code
 
 
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, "tools/benchmark.py", "--models", "repvgg_a0", "--batch", "1", "--size",
+    proc = subprocess.run([*BENCH, "--models", "repvgg_a0", "--batch", "1", "--size",
                            "64", "--iters", "2", "--warmup", "1", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -48,7 +49,7 @@ def test_benchmark_smoke(tmp_path):
 
 
 def test_benchmark_rejects_unknown_model(tmp_path):
-    proc = subprocess.run([sys.executable, "tools/benchmark.py", "--models", "resnet50", "--out", str(tmp_path / "b")],
+    proc = subprocess.run([*BENCH, "--models", "resnet50", "--out", str(tmp_path / "b")],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: unknown model(s) resnet50"
     assert not (tmp_path / "b").exists()
@@ -58,7 +59,7 @@ def test_benchmark_fuser_report(tmp_path):
     """--fuser on one small timm family: timings measured in one run, ratios that match them, and our fused model
     within 1e-5 of timm's with no more convs and no BatchNorm left."""
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, "tools/benchmark.py", "--fuser", "--fuser-models", "repvgg_a0", "--threads",
+    proc = subprocess.run([*BENCH, "--fuser", "--fuser-models", "repvgg_a0", "--threads",
                            "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads((out / "report.json").read_text())["fuser"]["repvgg_a0"]
@@ -72,7 +73,7 @@ def test_benchmark_fuser_report(tmp_path):
 
 
 def test_benchmark_fuser_rejects_unknown_timm_model(tmp_path):
-    proc = subprocess.run([sys.executable, "tools/benchmark.py", "--fuser", "--fuser-models", "resnet9000", "--out",
+    proc = subprocess.run([*BENCH, "--fuser", "--fuser-models", "resnet9000", "--out",
                            str(tmp_path / "b")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --fuser-models: timm ")
     assert "resnet9000" in proc.stderr and "Traceback" not in proc.stderr and not (tmp_path / "b").exists()

@@ -20,8 +20,10 @@ pytest.importorskip("onnx", exc_type=ImportError)
 import onnx  # noqa: E402
 
 from repvgg_tools import randomize_batchnorm, reparameterize  # noqa: E402
+from repvgg_tools.export.calibration import calibration_images  # noqa: E402
+from repvgg_tools.export.int8 import quantize_int8  # noqa: E402
 from repvgg_tools.export.onnx import export_onnx, save_onnx  # noqa: E402
-from repvgg_tools.export.precision import calibration_images, quantize_int8, to_fp16  # noqa: E402
+from repvgg_tools.export.precision import to_fp16  # noqa: E402
 from repvgg_tools.export.tensorrt import (  # noqa: E402
     Backend,
     BackendUnavailable,
@@ -33,14 +35,15 @@ from repvgg_tools.export.tensorrt import (  # noqa: E402
 from repvgg_tools.models import RepVGG  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILD_TRT = ROOT / "tools" / "build_trt.py"
+BUILD_TRT = ROOT / "tools" / "build_trt.py"  # the shim, run from this checkout as documented
+CHECKOUT_ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="tensorrt_rtx is not installed (pip install tensorrt-rtx)")
 
 
 def run_tool(*args, env=None):
     return subprocess.run([sys.executable, str(BUILD_TRT), *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env)
+                          timeout=300, env=env or CHECKOUT_ENV)
 
 
 def assert_one_line_error(proc, rc, fragment):

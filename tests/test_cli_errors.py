@@ -111,7 +111,8 @@ def test_calibration_image_declaring_absurd_size_is_refused_by_name(tmp_path, ti
 def test_load_images_names_a_truncated_image(tmp_path):
     from PIL import Image
 
-    from repvgg_tools.export.precision import PrecisionError, load_images
+    from repvgg_tools.export.calibration import load_images
+    from repvgg_tools.export.precision import PrecisionError
 
     good = tmp_path / "good.png"
     Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(good)

@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -280,12 +281,14 @@ def test_vgg_backbone_detector_converts():
 
 
 def test_detector_example_script_runs(tmp_path):
-    script = [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "detector_example.py")]
+    root = Path(__file__).resolve().parents[1]
+    script = [sys.executable, str(root / "tools" / "detector_example.py")]
+    env = dict(os.environ, PYTHONPATH=str(root))  # a checkout without installing
     report = tmp_path / "report.json"
     proc = subprocess.run(
         script + ["--tiny", "--steps", "2", "--image-size", "64", "--num-images", "4", "--latency-runs", "1",
                   "--threads", "1", "--out-dir", str(tmp_path), "--json", str(report)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(report.read_text())
@@ -296,5 +299,5 @@ def test_detector_example_script_runs(tmp_path):
     # existing outputs are not overwritten without --force; a missing directory is a one-line error
     for extra in (["--out-dir", str(tmp_path)], ["--out-dir", str(tmp_path / "missing")]):
         bad = subprocess.run(script + ["--tiny", "--steps", "0", "--image-size", "64"] + extra,
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=300, env=env)
         assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,6 @@ def test_sweep_fails_a_wrong_fusion_just_beyond_the_fuser_tolerance(monkeypatch,
 def test_sweep_bad_arguments_fail_in_one_line():
     for args, needle in ((["--models", "resnet18"], "write tv:NAME or timm:NAME"), (["--size", "8"], "at least 32")):
         proc = subprocess.run([sys.executable, "tools/fuser_sweep.py", *args], cwd=ROOT, capture_output=True,
-                              text=True)
+                              text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and needle in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1

@@ -5,6 +5,7 @@ the equivalence check fail when handed a wrong answer. No timing assertions."""
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import subprocess
 import sys
@@ -16,22 +17,26 @@ import torch
 from repvgg_tools.bench.budget import Setup, Task, TimeBudget
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOL = ROOT / "tools" / "gpu_report.py"
+TOOL = ROOT / "tools" / "gpu_report.py"  # the shim the GPU machine runs from a plain checkout
+MODULE = "repvgg_tools.cli.gpu_report"
+CHECKOUT_ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 TINY = ["--device", "cpu", "--size", "32", "--batch", "2", "--iters", "1", "--warmup", "0", "--eq-batch", "2"]
 
 
 @pytest.fixture
 def tool():
-    """The tool's namespace, loaded in this process (the torch flags its main() sets are restored afterwards)."""
+    """The tool's namespace, loaded afresh in this process (its budget clock starts at the load; the torch flags its
+    main() sets are restored afterwards)."""
     saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    yield runpy.run_path(str(TOOL), run_name="gpu_report")
+    yield runpy.run_module(MODULE, run_name="gpu_report")
     torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def test_cpu_report_is_complete_and_within_contract(tmp_path):
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, str(TOOL), *TINY, "--models", "repvgg_a0", "resnet18", "--trt-models",
-                           "repvgg_a0", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "repvgg_a0", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=CHECKOUT_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["environment"]["torch"] == torch.__version__ and report["environment"]["device"] == "cpu"
@@ -100,7 +105,7 @@ import runpy, sys
 for name in ("torchvision", "onnx", "onnxruntime", "onnxslim", "onnxconverter_common", "matplotlib", "timm",
              "tensorrt", "tensorrt_rtx", "sklearn", "safetensors", "yaml", "tqdm", "scipy"):
     sys.modules[name] = None  # import raises ImportError, as on a machine without the package
-tool = runpy.run_path(sys.argv[1], run_name="gpu_report")
+tool = runpy.run_module(sys.argv[1], run_name="gpu_report")
 try:
     tool["main"](["--help"])
 except SystemExit as exc:
@@ -112,11 +117,11 @@ sys.exit(tool["main"](sys.argv[2:]))
 
 def test_missing_optional_packages_disable_only_their_rows(tmp_path):
     out = tmp_path / "r"
-    proc = subprocess.run([sys.executable, "-c", POISON, str(TOOL), *TINY, "--models", "repvgg_a0", "resnet18",
+    proc = subprocess.run([sys.executable, "-c", POISON, MODULE, *TINY, "--models", "repvgg_a0", "resnet18",
                            "--trt-models", "repvgg_a0", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "usage: gpu_report.py" in proc.stdout and "HELP-OK" in proc.stdout
+    assert "usage: repvgg-gpu-report" in proc.stdout and "HELP-OK" in proc.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["unavailable"] == {"resnet18": report["unavailable"]["resnet18"]}
     assert report["unavailable"]["resnet18"].startswith("torchvision is not importable")

@@ -22,6 +22,7 @@ from onnx import TensorProto, numpy_helper  # noqa: E402
 
 from repvgg_tools import randomize_batchnorm, reparameterize, save_checkpoint  # noqa: E402
 from repvgg_tools.data import digits_dataset  # noqa: E402
+from repvgg_tools.export.calibration import folder_images  # noqa: E402
 from repvgg_tools.export.int8 import (  # noqa: E402
     CalibrationSource,
     Int8Floors,
@@ -31,7 +32,7 @@ from repvgg_tools.export.int8 import (  # noqa: E402
     verify_int8,
 )
 from repvgg_tools.export.onnx import export_onnx, onnx_session, op_counts, run_onnx  # noqa: E402
-from repvgg_tools.export.precision import PrecisionError, folder_images  # noqa: E402
+from repvgg_tools.export.precision import PrecisionError  # noqa: E402
 from repvgg_tools.export.qdq import calibration_tensors, check_tensorrt_qdq  # noqa: E402
 from repvgg_tools.models import RepVGG  # noqa: E402
 
@@ -340,7 +341,7 @@ def test_cli_int8_broken_scale_exit_1(digits, tmp_path):
     """A real repvgg-export process whose quantizer writes one activation scale 100x too large: exit 1, no file."""
     ckpt = digits[0]
     prelude = (
-        "import numpy as np\nfrom onnx import numpy_helper\nimport repvgg_tools.export.precision as p\n"
+        "import numpy as np\nfrom onnx import numpy_helper\nimport repvgg_tools.export.int8 as p\n"
         "_orig = p.quantize_int8\n"
         "def broken(*a, **k):\n"
         "    q = _orig(*a, **k)\n"

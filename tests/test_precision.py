@@ -11,20 +11,11 @@ import onnx  # noqa: E402
 from onnx import TensorProto, numpy_helper  # noqa: E402
 
 from repvgg_tools import randomize_batchnorm, reparameterize  # noqa: E402
+from repvgg_tools.export.calibration import IMAGENET_MEAN, IMAGENET_STD, calibration_images, folder_images  # noqa: E402
+from repvgg_tools.export.int8 import quantize_int8  # noqa: E402
+from repvgg_tools.export.metrics import check_metrics, max_activation, output_metrics  # noqa: E402
 from repvgg_tools.export.onnx import export_onnx, onnx_session, run_onnx  # noqa: E402
-from repvgg_tools.export.precision import (  # noqa: E402
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    PrecisionError,
-    calibration_images,
-    check_metrics,
-    folder_images,
-    max_activation,
-    onnx_precision,
-    output_metrics,
-    quantize_int8,
-    to_fp16,
-)
+from repvgg_tools.export.precision import PrecisionError, onnx_precision, to_fp16  # noqa: E402
 from repvgg_tools.models import RepVGG  # noqa: E402
 
 TINY = dict(widths=(8, 16, 16, 32, 64), depths=(1, 1, 2, 2, 1), num_classes=10)

@@ -95,8 +95,8 @@ def test_bad_recipe_files(tmp_path):
 
 
 def test_cli_reports_bad_key_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "tools/train.py", "--recipe", "recipes/vgg16_paper.yaml", "optim.lrr=3",
-                           f"output={tmp_path / 'x'}"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "repvgg_tools.cli.train", "--recipe", "recipes/vgg16_paper.yaml",
+                           "optim.lrr=3", f"output={tmp_path / 'x'}"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: unknown recipe key 'optim.lrr' (did you mean 'lr'?); known keys: custom_l2, lr, momentum, opt, "

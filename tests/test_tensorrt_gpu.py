@@ -5,6 +5,7 @@ supports the GPU (TensorRT-RTX does not target data-centre GPUs such as Hopper; 
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,8 +37,10 @@ def engines(tmp_path_factory):
     if backend is None:
         pytest.skip("neither tensorrt nor tensorrt_rtx imports")
     from repvgg_tools import randomize_batchnorm, reparameterize
+    from repvgg_tools.export.calibration import calibration_images
+    from repvgg_tools.export.int8 import quantize_int8
     from repvgg_tools.export.onnx import export_onnx, save_onnx
-    from repvgg_tools.export.precision import calibration_images, quantize_int8, to_fp16
+    from repvgg_tools.export.precision import to_fp16
     from repvgg_tools.models import RepVGG
 
     d = tmp_path_factory.mktemp("trt")
@@ -51,11 +54,12 @@ def engines(tmp_path_factory):
         proc = subprocess.run([sys.executable, str(ROOT / "tools" / "build_trt.py"), "--onnx", str(onnx_path),
                                "--engine", str(engine), "--backend", backend, "--min-batch", "1", "--opt-batch", "8",
                                "--max-batch", "16", "--timing-cache", str(d / "timing.cache")],
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         if proc.returncode != 0:
             pytest.fail(f"{backend} could not build the {precision} engine: {proc.stderr.strip()[-500:]}")
         paths[precision] = engine
-    from repvgg_tools.export.tensorrt import EngineRunner, TensorRTError
+    from repvgg_tools.export.tensorrt import TensorRTError
+    from repvgg_tools.export.trt_runtime import EngineRunner
 
     try:
         EngineRunner(paths["fp32"], backend)
@@ -74,7 +78,7 @@ def test_sidecar_records_the_gpu(engines):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_engine_matches_pytorch_over_dynamic_batches(engines, precision):
-    from repvgg_tools.export.tensorrt import EngineRunner, compare
+    from repvgg_tools.export.trt_runtime import EngineRunner, compare
 
     model, backend, paths, _ = engines
     runner = EngineRunner(paths[precision], backend)
@@ -82,7 +86,7 @@ def test_engine_matches_pytorch_over_dynamic_batches(engines, precision):
     assert runner.profile_shapes() == [(1, 3, 32, 32), (8, 3, 32, 32), (16, 3, 32, 32)]
     gen = torch.Generator().manual_seed(0)
     if precision == "int8":  # calibrated on digits: compare on digits
-        from repvgg_tools.export.precision import calibration_images
+        from repvgg_tools.export.calibration import calibration_images
 
         images = torch.as_tensor(calibration_images("digits", 32, 96)[64:])
         inputs = [images[:1], images[1:6], images[6:22]]
@@ -101,7 +105,7 @@ def test_engine_matches_pytorch_over_dynamic_batches(engines, precision):
 def test_engine_matches_onnxruntime(engines):
     pytest.importorskip("onnxruntime", exc_type=ImportError)
     from repvgg_tools.export.onnx import onnx_session
-    from repvgg_tools.export.tensorrt import EngineRunner, compare
+    from repvgg_tools.export.trt_runtime import EngineRunner, compare
 
     _, backend, paths, _ = engines
     runner = EngineRunner(paths["fp32"], backend)
@@ -111,7 +115,7 @@ def test_engine_matches_onnxruntime(engines):
 
 
 def test_batch_outside_profile_is_refused(engines):
-    from repvgg_tools.export.tensorrt import EngineRunner
+    from repvgg_tools.export.trt_runtime import EngineRunner
 
     _, backend, paths, _ = engines
     runner = EngineRunner(paths["fp32"], backend)
@@ -120,7 +124,7 @@ def test_batch_outside_profile_is_refused(engines):
 
 
 def test_benchmark(engines):
-    from repvgg_tools.export.tensorrt import benchmark
+    from repvgg_tools.export.trt_runtime import benchmark
 
     _, backend, paths, _ = engines
     for precision in ("fp32", "fp16", "int8"):

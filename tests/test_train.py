@@ -144,7 +144,7 @@ def test_param_groups_exclude_bn_and_bias_and_custom_l2_kernels():
 
 def test_torchrun_two_processes_gloo(tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # tools/train.py: a checkout
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "tools/train.py",
            "--recipe", str(QUICK), *TINY, "epochs=1", "max_steps_per_epoch=3", f"output={out}", "device=cpu"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
@@ -159,7 +159,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     # the same output again: refused in one line, nothing overwritten
     before = (out / "last.pth").stat().st_mtime_ns
     again = subprocess.run([sys.executable, "tools/train.py", "--recipe", str(QUICK), *TINY, f"output={out}"],
-                           cwd=ROOT, capture_output=True, text=True)
+                           cwd=ROOT, capture_output=True, text=True, env=env)
     assert again.returncode == 2 and again.stderr.startswith("error: output=") and "Traceback" not in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1 and (out / "last.pth").stat().st_mtime_ns == before
 
@@ -167,7 +167,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     bare = tmp_path / "bare.pth"
     save_checkpoint(ckpt["state_dict"], bare)
     bad = subprocess.run([sys.executable, "tools/train.py", "--recipe", str(QUICK), *TINY, f"output={tmp_path / 'r'}",
-                          f"resume={bare}"], cwd=ROOT, capture_output=True, text=True)
+                          f"resume={bare}"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "not a training checkpoint" in bad.stderr and "Traceback" not in bad.stderr
 
 

@@ -24,9 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from repvgg_tools.cli.common import Parser, error, run_command  # noqa: E402  (needs the path above)
+from repvgg_tools.cli.common import Parser, error, run_command
 
 CONVERT_MODULE = "repvgg_tools.cli.convert"
 TINY_WIDTHS, TINY_DEPTHS = (16, 16, 32, 64, 128), (1, 2, 2, 4, 1)

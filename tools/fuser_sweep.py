@@ -20,10 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from repvgg_tools.cli.common import Parser, run_command  # noqa: E402
-from repvgg_tools.contract import GRAPH_FUSER_RTOL as RTOL  # noqa: E402
+from repvgg_tools.cli.common import Parser, run_command
+from repvgg_tools.contract import GRAPH_FUSER_RTOL as RTOL
 
 DEFAULT_MODELS = [
     "tv:resnet18", "tv:mobilenet_v3_small", "tv:efficientnet_b0", "tv:regnet_x_400mf", "tv:shufflenet_v2_x0_5",

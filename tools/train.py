@@ -1,60 +1,10 @@
 #!/usr/bin/env python
-"""Train a RepVGG/VGG model from a YAML recipe, with ``key=value`` overrides; works under torchrun.
+"""``repvgg-train`` from a checkout without installing: ``PYTHONPATH=. python tools/train.py --help``.
 
-Examples:
-    python tools/train.py --recipe recipes/digits_quickstart.yaml
-    python tools/train.py --recipe recipes/repvgg_imagenet_120e.yaml data.train_dir=/data/train \\
-        data.val_dir=/data/val model.arch=repvgg_a0 output=runs/a0
-    torchrun --nproc_per_node 8 tools/train.py --recipe recipes/repvgg_imagenet_200e_aug.yaml amp=bf16 ...
-    python tools/train.py --recipe recipes/repvgg_imagenet_120e.yaml resume=runs/a0/last.pth ...
+The code is repvgg_tools/cli/train.py.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import logging
-import os
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from repvgg_tools.cli.common import Parser, error, run_command  # noqa: E402  (needs the path above)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = Parser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe keys, e.g. epochs=2")
-    parser.add_argument("--print-recipe", action="store_true", help="print the full recipe as JSON and exit")
-    parser.add_argument("--quiet", action="store_true", help="log warnings only")
-    args = parser.parse_args(argv)
-    return run_command(lambda: _main(args), traceback=args.traceback)
-
-
-def _main(args: argparse.Namespace) -> int:
-
-    from repvgg_tools.io.checkpoint import CheckpointError
-    from repvgg_tools.training import RecipeError, load_recipe, train
-
-    rank = int(os.environ.get("RANK", "0"))
-    level = logging.WARNING if args.quiet or rank else logging.INFO
-    logging.basicConfig(level=level, format=f"[rank {rank}] %(message)s" if "RANK" in os.environ else "%(message)s")
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        if args.print_recipe:
-            print(json.dumps(recipe, indent=2))
-            return 0
-        result = train(recipe)
-    except (RecipeError, CheckpointError, ValueError) as exc:
-        error(exc)
-        return 2
-    if rank == 0 and result["last"] is not None:
-        print(f"done: best val top-1 {result['best_top1']:.2f}%, checkpoint {result['checkpoint']}")
-    return 0
-
+from repvgg_tools.cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

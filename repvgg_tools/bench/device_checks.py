@@ -118,7 +118,7 @@ def equivalence(models: dict, device: torch.device, batch: int, size: int, seed:
     import numpy as np
 
     from ..contract import max_errors
-    from ..export.precision import check_metrics, output_metrics
+    from ..export.metrics import check_metrics, output_metrics
     from ..reparam import reparameterize
 
     train, deploy = models["training"], models["deploy"]
@@ -201,6 +201,7 @@ def engine_check(models: dict, fp32_onnx: Any, precision: str, backend: Any, *, 
         EngineUnsupported: the engine was built but the backend cannot run it on this GPU.
     """
     from ..export import tensorrt as trt
+    from ..export import trt_runtime
     from ..export.onnx import save_onnx
 
     build_precision, proto = "auto", fp32_onnx
@@ -215,7 +216,7 @@ def engine_check(models: dict, fp32_onnx: Any, precision: str, backend: Any, *, 
                                    f"{backend.version} has no FP16 builder flag"}
             build_precision = "fp16"
     elif precision == "int8":
-        from ..export.precision import quantize_int8
+        from ..export.int8 import quantize_int8
 
         proto = quantize_int8(fp32_onnx, random_images(calib_samples, size, seed=3).numpy())
     with tempfile.TemporaryDirectory(prefix="repvgg-engine-") as tmp:
@@ -223,12 +224,12 @@ def engine_check(models: dict, fp32_onnx: Any, precision: str, backend: Any, *, 
         engine, info, _ = trt.build_engine(path, backend=backend, precision=build_precision, min_batch=1,
                                            opt_batch=batch, max_batch=batch)
     try:
-        runner = trt.EngineRunner(engine, backend.name)
+        runner = trt_runtime.EngineRunner(engine, backend.name)
     except trt.TensorRTError as exc:
         raise EngineUnsupported(f"{backend.name} {backend.version} builds engines but cannot run them on this GPU "
                                 f"({exc})") from None
-    check = trt.compare(runner, models["deploy"], [random_images(check_batch, size, seed=4)], precision)
-    bench = trt.benchmark(runner, batch=batch, iters=iters, warmup=warmup)
+    check = trt_runtime.compare(runner, models["deploy"], [random_images(check_batch, size, seed=4)], precision)
+    bench = trt_runtime.benchmark(runner, batch=batch, iters=iters, warmup=warmup)
     return {"build_seconds": info["build_seconds"], "engine_bytes": info["engine_bytes"],
             "strongly_typed": info["strongly_typed"], "builder_flags": info["builder_flags"],
             "passed": check["passed"], "summary": check["summary"], "cosine": check["cosine"],

@@ -4,7 +4,9 @@
 only inside the functions that use them, so this package imports with torch and numpy alone.
 """
 
-from .int8 import CalibrationSource, Int8Floors, Int8Report, export_int8, verify_int8
+from .calibration import calibration_images
+from .int8 import CalibrationSource, Int8Floors, Int8Report, export_int8, quantize_int8, verify_int8
+from .metrics import check_metrics, output_metrics
 from .onnx import (
     PLAIN_OPS,
     ExportError,
@@ -17,16 +19,7 @@ from .onnx import (
     simplify,
     verify_onnx,
 )
-from .precision import (
-    PRECISIONS,
-    PrecisionError,
-    calibration_images,
-    check_metrics,
-    onnx_precision,
-    output_metrics,
-    quantize_int8,
-    to_fp16,
-)
+from .precision import PRECISIONS, PrecisionError, onnx_precision, to_fp16
 from .qdq import check_tensorrt_qdq
 
 __all__ = [

@@ -292,7 +292,6 @@ def export_int8(model: Any, proto_fp32: Any, calib: CalibrationSource, *, method
     Raises:
         PrecisionError: unusable calibration data or method.
     """
-    from .precision import quantize_int8
     from .qdq import check_tensorrt_qdq
 
     start = time.perf_counter()
@@ -319,3 +318,43 @@ def export_int8(model: Any, proto_fp32: Any, calib: CalibrationSource, *, method
     report.seconds["verify"] = time.perf_counter() - start
     log.info("int8 check (%s): %s", "passed" if report.passed else "FAILED", report.summary())
     return proto, report
+
+
+def quantize_int8(model: Any, images: np.ndarray, *, batch_size: int = 8, per_channel: bool = True,
+                  method: str = "minmax", reduce_range: bool = False) -> Any:
+    """INT8 explicit-quantization (Q/DQ) copy of an fp32 ``onnx.ModelProto``, calibrated on ``images``.
+
+    Static post-training quantization following TensorRT's explicit-quantization rules (see
+    :mod:`repvgg_tools.export.qdq`): Q/DQ only at Conv/Gemm inputs, symmetric int8 activations per tensor,
+    symmetric int8 weights per output channel, float biases, no Q/DQ on outputs. The result runs on onnxruntime CPU
+    and parses in TensorRT(-RTX). :func:`repvgg_tools.export.int8.export_int8` adds the held-out accuracy check.
+
+    Args:
+        model: fp32 model with one input.
+        images: calibration batch ``(N, C, H, W)`` float32, preprocessed like the model's inputs.
+        batch_size: calibration batch size (a fixed-batch model uses its own, dropping the remainder).
+        per_channel: per-output-channel weight scales.
+        method: ``"minmax"``, ``"entropy"`` or ``"percentile"`` (see :mod:`repvgg_tools.export.qdq`).
+        reduce_range: 7-bit weights, for int8 CPU kernels that saturate with full-range weights on x86 without
+            VNNI (AVX2, AVX-512F), such as onnxruntime's QLinearConv; not for TensorRT.
+
+    Raises:
+        PrecisionError: no images, or an unknown method.
+    """
+    from .qdq import CALIBRATION_METHODS, calibrate_thresholds, insert_qdq
+
+    if method not in CALIBRATION_METHODS:
+        raise PrecisionError(f"unknown calibration method {method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
+    if len(images) == 0:
+        raise PrecisionError("no calibration images")
+    fixed = model.graph.input[0].type.tensor_type.shape.dim[0].dim_value
+    if fixed > 0:  # a fixed-batch model takes whole batches only
+        if len(images) < fixed:
+            raise PrecisionError(f"the model has a fixed batch of {fixed}, but only {len(images)} calibration images")
+        batch_size, images = fixed, images[: len(images) - len(images) % fixed]
+    batches = [np.ascontiguousarray(images[i:i + batch_size], dtype=np.float32)
+               for i in range(0, len(images), batch_size)]
+    thresholds = calibrate_thresholds(model, batches, method)
+    result = insert_qdq(model, thresholds, per_channel=per_channel, reduce_range=reduce_range)
+    log.info("quantized to int8 Q/DQ with %d calibration images (%s)", len(images), method)
+    return result

@@ -23,7 +23,8 @@ from torch import nn
 
 from ..io.checkpoint import atomic_write
 from ..io.errors import one_line
-from .precision import PrecisionError, check_metrics, max_activation, output_metrics
+from .metrics import check_metrics, max_activation, output_metrics
+from .precision import PrecisionError
 
 __all__ = [
     "PLAIN_OPS", "MAX_PROTO_BYTES", "ExportError", "export_onnx", "simplify", "drop_identity_pools", "op_counts",
@@ -251,7 +252,7 @@ def verify_onnx(session: Any, reference: nn.Module, precision: str, inputs: Sequ
         reference_outputs: :func:`torch_outputs` of ``reference`` on ``inputs``, if already computed.
 
     Returns:
-        The metrics of :func:`~repvgg_tools.export.precision.output_metrics` over all batches, plus ``passed``,
+        The metrics of :func:`~repvgg_tools.export.metrics.output_metrics` over all batches, plus ``passed``,
         ``summary`` (one line), ``precision`` and ``seconds``.
     """
     start = time.perf_counter()

@@ -4,6 +4,7 @@ Every registered model is also an importable builder function (``from repvgg_too
 """
 
 from . import qarepvgg, repvgg, vgg  # noqa: F401  (registration side effects)
+from .factory import create_model
 from .qarepvgg import (
     QAREPVGG_CONFIGS,
     qarepvgg_a0,
@@ -20,7 +21,7 @@ from .qarepvgg import (
     qarepvgg_b3g2,
     qarepvgg_b3g4,
 )
-from .registry import create_model, is_model, list_models, register_model
+from .registry import is_model, list_models, register_model
 from .repvgg import (
     REPVGG_CONFIGS,
     RepVGG,

@@ -1,4 +1,5 @@
-"""Model registry: builders register under a name; ``create_model`` looks them up."""
+"""Model registry: a plain table of builders by name (:func:`~repvgg_tools.models.factory.create_model` builds
+from it)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-__all__ = ["register_model", "create_model", "list_models", "is_model"]
+__all__ = ["register_model", "get_builder", "list_models", "is_model"]
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -31,29 +32,13 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _BUILDERS if fnmatch(n, pattern))
 
 
-def create_model(
-    name: str, num_classes: int = 1000, deploy: bool = False, *, features_only: bool = False, **kwargs,
-) -> nn.Module:
-    """Build a registered model.
-
-    Args:
-        name: a name from :func:`list_models`.
-        num_classes: classifier outputs (ignored with ``features_only``).
-        deploy: build the re-parameterized (plain) form directly.
-        features_only: build a feature backbone whose ``forward`` returns a list of feature maps and that exposes
-            ``feature_info``; takes ``out_indices``, ``output_stride``, ``frozen_stages``, ``norm_eval`` (see
-            :mod:`repvgg_tools.models.features`).
-        **kwargs: passed to the builder (e.g. ``use_1x1=False``).
+def get_builder(name: str) -> Callable[..., nn.Module]:
+    """The builder registered under ``name``.
 
     Raises:
-        ValueError: unknown name, or ``features_only`` for a model without a feature form.
+        ValueError: unknown name (the message lists the known ones).
     """
     try:
-        builder = _BUILDERS[name]
+        return _BUILDERS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
-    if features_only:
-        from .features import create_features
-
-        return create_features(name, builder, deploy=deploy, **kwargs)
-    return builder(num_classes=num_classes, deploy=deploy, **kwargs)
