@@ -1,4 +1,4 @@
-"""The numerical contract (design.md section 5): every tolerance and floor, and the one measure of agreement.
+"""The numerical contract (docs/contract.md): every tolerance and floor, and the one measure of agreement.
 
 Every check in the toolkit judges ``max|a-b| / max|b|`` (the largest absolute error relative to the largest
 magnitude of the reference, over all outputs: :func:`max_errors`) against a constant defined here, and only here
@@ -54,7 +54,7 @@ ENGINE_FP32_RTOL = 1e-3
 # onnxruntime candidate is an ONNX fp32 export, so the ONNX bound (channels_last torch measures ~1e-7)
 RUNTIME_RTOL = ONNX_FP32_RTOL
 
-# --- fp16 deploy vs fp32 (design.md section 5); max rel err is reported, not judged ---------------------------------
+# --- fp16 deploy vs fp32 (docs/contract.md); max rel err is reported, not judged ---------------------------------
 # lowest per-sample cosine similarity of fp16 and fp32 outputs: correct fp16 RepVGG exports measure >= 0.99999
 FP16_MIN_COSINE = 0.9999
 # share of inputs with the same top-1 class as fp32 (ties between near-equal logits may flip a few)

@@ -125,7 +125,7 @@ def test_max_errors_structures_and_mismatches():
 def test_every_checker_uses_the_one_measure():
     """The torch, numpy, int8 and float64-fuser comparisons agree with max_errors on the same wrong answer."""
     from repvgg_tools.export.int8 import int8_metrics
-    from repvgg_tools.export.precision import output_metrics
+    from repvgg_tools.export.metrics import output_metrics
     from repvgg_tools.verify import compare_outputs
 
     gen = torch.Generator().manual_seed(1)
@@ -187,12 +187,8 @@ USER_CODE = textwrap.dedent('''
         return _net(torch.float64)
 
 
-    def fp64_wrong():
-        return _net(torch.float64, error=1e-9)
-
-
-    def fp32_wrong():
-        return _net(torch.float32, error=1e-4)
+    def fp32():
+        return _net(torch.float32)
 ''')
 
 FIGURES = re.compile(r"max rel err ([0-9.e+-]+) \(tolerance ([0-9.e+-]+)\)")
@@ -238,18 +234,57 @@ def test_user_model_fp16_is_judged_at_fp16s_tolerance(user_cli):
     assert proc.returncode == 1 and tol == 1e-5 and rel_old == rel and "nothing written" in proc.stderr
 
 
-def test_user_model_fp64_is_judged_at_1e_12(user_cli):
-    """A correct float64 model lands far below 1e-12; one whose fusion is wrong by 1e-9 relative is refused at the
-    float64 tolerance, though it passes the fp32 1e-5 the old code judged every model at."""
+def _wrong_fusion(monkeypatch, error: float) -> None:
+    """The fuser hands convert_user_model's final check a deploy model whose fused weights are off by ``error``,
+    relative (the blocks' own checks would undo a wrong method, so the wrong answer is injected after them)."""
+    import repvgg_tools.fx.convert as user_convert
+
+    real = user_convert.reparameterize
+
+    def wrong(model, *args, **kwargs):
+        deploy, report = real(model, *args, **kwargs)
+        with torch.no_grad():
+            for p in deploy.parameters():
+                p.mul_(1 + error)
+        return deploy, report
+
+    monkeypatch.setattr(user_convert, "reparameterize", wrong)
+
+
+def _user_checkpoint(tmp_path, factory: str):
+    from repvgg_tools import randomize_batchnorm
+    from repvgg_tools.io.checkpoint import save_checkpoint
+
+    namespace: dict = {}
+    exec(compile(USER_CODE, "contract_user_net.py", "exec"), namespace)
+    torch.manual_seed(0)
+    model = randomize_batchnorm(namespace[factory](), seed=1).eval()
+    save_checkpoint({"state_dict": model.state_dict()}, tmp_path / "train.pth")
+    return namespace[factory], tmp_path / "train.pth"
+
+
+def test_user_model_fp64_is_judged_at_1e_12(user_cli, tmp_path, monkeypatch):
+    """A correct float64 model lands far below 1e-12; one whose fused weights are off by 1e-9 relative is refused at
+    the float64 tolerance, though it passes the fp32 1e-5 the old code judged every model at."""
+    from repvgg_tools.fx.convert import FusionVerificationError, convert_user_model
+
     proc, rel, tol = user_cli("fp64")
     assert proc.returncode == 0 and tol == FP64_RTOL and rel < 1e-14, proc.stdout + proc.stderr
-    proc, rel, tol = user_cli("fp64_wrong")
-    assert proc.returncode == 1 and tol == FP64_RTOL and 1e-10 < rel < 2e-9, proc.stdout + proc.stderr
-    assert proc.stderr.startswith("error: verification failed") and len(proc.stderr.strip().splitlines()) == 1
-    proc, rel_at_fp32, tol = user_cli("fp64_wrong", "--rtol", str(FP32_RTOL))
-    assert proc.returncode == 0 and tol == FP32_RTOL and rel_at_fp32 == rel
+    factory, ckpt = _user_checkpoint(tmp_path, "fp64")
+    _wrong_fusion(monkeypatch, 1e-9)
+    with pytest.raises(FusionVerificationError) as failed:
+        convert_user_model(factory, ckpt, tmp_path / "out.pth", input_shape=(2, 3, 32, 32))
+    rel = failed.value.result.max_rel
+    assert failed.value.result.rtol == FP64_RTOL and 1e-10 < rel < 1e-8 and not (tmp_path / "out.pth").exists()
+    report = convert_user_model(factory, ckpt, tmp_path / "out.pth", input_shape=(2, 3, 32, 32), rtol=FP32_RTOL)
+    assert report["verify"]["max_rel"] == pytest.approx(rel, rel=1e-3)
 
 
-def test_user_model_fp32_wrong_fusion_fails(user_cli):
-    proc, rel, tol = user_cli("fp32_wrong")
-    assert proc.returncode == 1 and tol == FP32_RTOL and rel > FP32_RTOL, proc.stdout + proc.stderr
+def test_user_model_fp32_wrong_fusion_fails(tmp_path, monkeypatch):
+    from repvgg_tools.fx.convert import FusionVerificationError, convert_user_model
+
+    factory, ckpt = _user_checkpoint(tmp_path, "fp32")
+    _wrong_fusion(monkeypatch, 1e-4)
+    with pytest.raises(FusionVerificationError) as failed:
+        convert_user_model(factory, ckpt, tmp_path / "out.pth", input_shape=(2, 3, 32, 32))
+    assert failed.value.result.rtol == FP32_RTOL and failed.value.result.max_rel > FP32_RTOL

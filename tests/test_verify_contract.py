@@ -1,4 +1,4 @@
-"""The conversion verifier's contract (design.md section 5): (a) the float64 fusion reproduces the training form, at
+"""The conversion verifier's contract (docs/contract.md): (a) the float64 fusion reproduces the training form, at
 one tolerance for every dtype; (b) every written tensor is that fusion rounded once, bit for bit, after the walk.
 Each check is fed wrong answers the other cannot see, in both modes (``model``: a classifier; ``blocks``: a detector
 whose blocks are checked one by one)."""

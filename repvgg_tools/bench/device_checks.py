@@ -100,7 +100,7 @@ def _autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def equivalence(models: dict, device: torch.device, batch: int, size: int, seed: int = 1) -> dict:
-    """Deploy vs training on ``device`` against design.md section 5.
+    """Deploy vs training on ``device`` against docs/contract.md.
 
     fp32: both forms as given (TF32 as the caller set it), ``max|a-b|/max|b| <= 1e-5``. float64: the training form in
     float64, re-parameterized in float64 on the device, ``<= 1e-12`` (the fusion math alone). fp16: the deploy form

@@ -138,7 +138,7 @@ def _throughput_md(report: dict) -> list[str]:
 
 def _equivalence_md(report: dict) -> list[str]:
     lines = ["## Equivalence on the device: deploy vs training", "",
-             "Contract (design.md section 5): fp32 max|a-b|/max|b| <= 1e-5; float64 <= 1e-12; fp16 autocast deploy vs "
+             "Contract (docs/contract.md): fp32 max|a-b|/max|b| <= 1e-5; float64 <= 1e-12; fp16 autocast deploy vs "
              "fp32 training: cosine >= 0.9999 and the same top-1 on >= 99% of inputs. The fp32 noise column is the "
              "training form's own fp32 error against float64 (what the kernels contribute).", "",
              "| model | inputs | fp32 rel err | float64 rel err | fp32 noise | fp16 cosine | fp16 top-1 | fp16 rel err "

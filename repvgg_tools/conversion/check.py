@@ -1,6 +1,6 @@
 """The conversion report and the verifier that fills it.
 
-A conversion is checked in two parts that cannot hide each other (design.md section 5):
+A conversion is checked in two parts that cannot hide each other (docs/contract.md):
 
 (a) *the fusion is exact*: the training-form forward computed from the tensors *read* (training branches, declared
     BatchNorm epsilon) against the deploy-form forward computed from the *unrounded float64* fused tensors, both in

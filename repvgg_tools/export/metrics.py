@@ -1,5 +1,5 @@
 """How close an exported model's outputs are to PyTorch's, and the pass/fail rule of each precision (the fp32, fp16
-and int8 contract of design.md section 5; the int8 floors on held-out images are :mod:`repvgg_tools.export.int8`)."""
+and int8 contract of docs/contract.md; the int8 floors on held-out images are :mod:`repvgg_tools.export.int8`)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def max_activation(model: Any, inputs: Sequence[Any]) -> float:
 
 
 def check_metrics(metrics: dict, precision: str) -> tuple[bool, str]:
-    """``(passed, reason)`` of the verification contract for a precision (see design.md section 5).
+    """``(passed, reason)`` of the verification contract for a precision (see docs/contract.md).
 
     fp32: ``max_rel <= ONNX_FP32_RTOL`` (1e-4); fp16: cosine >= ``FP16_MIN_COSINE`` (0.9999), the same top-1 on
     >= ``FP16_MIN_TOP1`` (99%) of samples (constants of :mod:`repvgg_tools.contract`) and, when ``metrics``

@@ -1,6 +1,6 @@
 """TensorRT-style explicit quantization of an fp32 ONNX graph: calibration, Q/DQ insertion and a placement checker.
 
-TensorRT's explicit-quantization rules (design.md section 6), which :func:`insert_qdq` follows and
+TensorRT's explicit-quantization rules (docs/deploy.md), which :func:`insert_qdq` follows and
 :func:`check_tensorrt_qdq` checks:
 
 - int8, symmetric (zero point 0) everywhere;
