@@ -22,6 +22,7 @@ from pathlib import Path
 
 from repvgg_tools.cli.common import Parser, run_command
 from repvgg_tools.contract import GRAPH_FUSER_RTOL as RTOL
+from repvgg_tools.io.errors import one_line
 
 DEFAULT_MODELS = [
     "tv:resnet18", "tv:mobilenet_v3_small", "tv:efficientnet_b0", "tv:regnet_x_400mf", "tv:shufflenet_v2_x0_5",
@@ -101,7 +102,7 @@ def _main(args: argparse.Namespace, p: Parser) -> int:
             rows[spec] = sweep_one(spec, args.size)
             ok = rows[spec]["max_rel"] <= RTOL
         except Exception as exc:  # noqa: BLE001 - one model's failure is a row of the report, not the end of it
-            rows[spec] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]}
+            rows[spec] = {"error": f"{type(exc).__name__}: {one_line(exc, 180)}"}
             ok = False
         if not ok:
             failed.append(spec)

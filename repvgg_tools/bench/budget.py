@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..io.errors import one_line
+
 __all__ = ["Setup", "Task", "TimeBudget"]
 
 log = logging.getLogger(__name__)
@@ -149,7 +151,7 @@ class TimeBudget:
         try:
             value = setup.fn()
         except Exception as exc:
-            self._failed[setup.key] = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self._failed[setup.key] = one_line(exc)
             raise
         finally:
             seconds = self.clock() - t0

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..io.errors import one_line
+
 __all__ = ["PAPER_IPS", "BASELINES", "FORMS", "PRECISIONS", "ratios", "render", "plot", "failures"]
 
 # images/s at batch 128, 224x224, fp32 on a GTX 1080Ti (the RepVGG paper, Ding et al., CVPR 2021)
@@ -190,7 +192,7 @@ def plot(report: dict, path: Path) -> dict:
     try:
         import matplotlib as mpl
     except Exception as exc:  # ImportError, or a broken install raising anything else
-        return {"skipped": f"matplotlib is not importable ({str(exc).strip().splitlines()[0] if str(exc) else exc!r})"}
+        return {"skipped": f"matplotlib is not importable ({one_line(exc)})"}
     mpl.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from ..io.errors import one_line
 from . import device_checks as checks
 from .budget import Setup, Task, TimeBudget
 from .device_report import FORMS, PAPER_IPS, PRECISIONS, ratios
@@ -20,9 +21,6 @@ TRT_PRECISIONS = ("fp32", "fp16", "int8")
 TRT_PRIOR_S = 30.0  # guess for the first engine (export + build + check + timing) before one was measured
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _optional(name: str):
@@ -30,7 +28,7 @@ def _optional(name: str):
     try:
         return __import__(name), None
     except Exception as exc:  # ImportError, or a broken install raising anything else
-        return None, f"{name} is not importable ({_first_line(exc)})"
+        return None, f"{name} is not importable ({one_line(exc)})"
 
 
 def _prepared(name: str, device: torch.device, report: dict) -> dict:
@@ -49,7 +47,7 @@ def _execute(budget: TimeBudget, task: Task, put) -> None:
         put({"error": "OOM"})
         return
     except Exception as exc:  # one failing row must not cost the others
-        put({"error": _first_line(exc)})
+        put({"error": one_line(exc)})
         return
     put(value if ran else {"dropped": value})
 
@@ -71,7 +69,7 @@ def run(args, device: torch.device, budget: TimeBudget) -> dict:
         try:
             costs[name] = checks.model_cost(name, args.size)
         except Exception as exc:  # a model that cannot even be built must not cost the others
-            report["unavailable"][name] = f"could not build it to count its FLOPs ({_first_line(exc)})"
+            report["unavailable"][name] = f"could not build it to count its FLOPs ({one_line(exc)})"
     names = [n for n in names if n not in report["unavailable"]]
     setups = {}
     for name in names:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..io.errors import one_line
 from .timing import count_flops, time_callable, time_cuda
 
 TIMM_NAMES = {"repvgg_a0": "repvgg_a0", "repvgg_a1": "repvgg_a1", "repvgg_a2": "repvgg_a2", "repvgg_b0": "repvgg_b0",
@@ -68,7 +69,7 @@ def bench_model(name: str, args) -> dict:
             rows["onnxruntime (deploy)"] = {"params": params(deploy),
                                             **bench_onnx(deploy, x, args.size, args.iters, args.warmup)}
         except Exception as exc:  # a missing extra or an exporter failure should not cost the other rows
-            rows["onnxruntime (deploy)"] = {"error": str(exc).splitlines()[0]}
+            rows["onnxruntime (deploy)"] = {"error": one_line(exc)}
     # what a user gets from repvgg_tools.runtime: the backend chosen by measurement, then timed like the others
     from repvgg_tools.runtime import fastest_cpu_runner
 
@@ -88,7 +89,7 @@ def bench_model(name: str, args) -> dict:
             rows["timm deploy"] = {"params": params(td), **bench_torch(td, x, args.iters, args.warmup)}
             del tm, td
         except Exception as exc:
-            rows["timm"] = {"error": str(exc).splitlines()[0]}
+            rows["timm"] = {"error": one_line(exc)}
     for row in rows.values():
         if "median_ms" in row:
             row["images_per_s"] = args.batch / (row["median_ms"] / 1e3)
@@ -136,7 +137,7 @@ def bench_trt(names: list[str], args) -> dict:
                                                   backend=backend.name)
                         res[f"TensorRT {prec}"] = {**r["latency_ms"], "images_per_s": r["throughput"]}
                     except Exception as exc:
-                        res[f"TensorRT {prec}"] = {"error": str(exc).splitlines()[0]}
+                        res[f"TensorRT {prec}"] = {"error": one_line(exc)}
         out[name] = res
     return out
 

@@ -17,6 +17,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
+from ..io.errors import one_line
+
 __all__ = ["Parser", "one_line", "error", "run_command", "Interrupted", "EXIT_OK", "EXIT_VERIFY", "EXIT_USAGE",
            "INPUT_ERRORS"]
 
@@ -30,12 +32,6 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, pickle.Unp
 #: Signals that end a command: each becomes :class:`Interrupted`, so that every ``finally`` and every
 #: ``atomic_write`` cleanup runs; SIGINT keeps Python's own ``KeyboardInterrupt``.
 _TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
-def one_line(exc: BaseException | str) -> str:
-    """An exception's message folded into one line (its type's name when it has none)."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 def error(message: BaseException | str) -> None:

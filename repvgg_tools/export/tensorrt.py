@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..io.errors import one_line
 from .precision import onnx_precision
 
 __all__ = [
@@ -90,7 +91,7 @@ def load_backend(name: str = "auto") -> Backend:
             module = importlib.import_module(candidate)
             version = str(module.__version__)
         except Exception as exc:  # ImportError, OSError from missing libraries, AttributeError from stubs
-            reasons.append(f"{candidate}: {_first_line(exc)}")
+            reasons.append(f"{candidate}: {one_line(exc)}")
             continue
         backend = Backend(candidate, module, version)
         if candidate == "tensorrt" and backend.major < 10:
@@ -184,7 +185,7 @@ def build_engine(
     try:
         proto = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:  # DecodeError, OSError
-        raise BuildRefused(f"{onnx_path}: not a readable ONNX model ({_first_line(exc)})") from None
+        raise BuildRefused(f"{onnx_path}: not a readable ONNX model ({one_line(exc)})") from None
     onnx_prec = onnx_precision(proto)
     init = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in init]
@@ -206,7 +207,7 @@ def build_engine(
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
-        errors = [_first_line(parser.get_error(i)) for i in range(parser.num_errors)]
+        errors = [one_line(parser.get_error(i)) for i in range(parser.num_errors)]
         raise BuildFailed(f"{be.name} cannot parse {onnx_path}: " + " | ".join(errors or ["unknown parser error"]))
     config = builder.create_builder_config()
     for flag in plan.flags:
@@ -266,6 +267,3 @@ def _gpu_name() -> str | None:
         return None
 
 
-def _first_line(exc: Any) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -10,11 +10,11 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read or written; the message says why in one line."""
 
 
-def one_line(exc: BaseException | str, limit: int = 300) -> str:
-    """The first non-empty line of an exception's message (or of a text), whitespace collapsed, at most ``limit``
-    characters; the exception type's name when the message is empty."""
-    text = str(exc)
-    line = next((" ".join(part.split()) for part in text.splitlines() if part.strip()), "")
+def one_line(exc: object, limit: int = 500) -> str:
+    """An exception's message (or any text) folded into one line: whitespace collapsed, at most ``limit`` characters
+    (the start kept: it says what went wrong); the exception type's name when the message is empty. Every command's
+    ``error:`` line and every error recorded in a report goes through this one function."""
+    line = " ".join(str(exc).split())
     if not line:
         return type(exc).__name__ if isinstance(exc, BaseException) else ""
     return line if len(line) <= limit else line[: limit - 3] + "..."
