@@ -190,11 +190,17 @@ def test_merge_branches_equals_sum_of_convolutions():
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     k3, k1 = torch.randn(6, 4, 3, 3, dtype=torch.float64), torch.randn(6, 4, 1, 1, dtype=torch.float64)
     b3, b1 = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
-    kernel, bias = fusion.merge_branches([k3, fusion.pad_kernel(k1, 3)], [b3, b1])
+    k1_padded = fusion.pad_kernel(k1, 3)
+    inputs = [k3, k1_padded, b3, b1, k1]
+    before = [t.clone() for t in inputs]
     ref = F.conv2d(x, k3, b3, padding=1) + F.conv2d(x, k1, b1)
+    kernel, bias = fusion.merge_branches([k3, k1_padded], [b3, b1])
     assert _rel(F.conv2d(x, kernel, bias, padding=1), ref) <= 1e-14
-    # inputs are not modified
-    assert not torch.equal(kernel, k3)
+    # the inputs are not modified (an in-place sum into the first kernel would pass the check above)
+    for name, t, b in zip(("k3", "k1_padded", "b3", "b1", "k1"), inputs, before, strict=True):
+        assert torch.equal(t, b), f"merge_branches modified its input {name}"
+    # and the result does not alias an input
+    assert all(kernel.data_ptr() != t.data_ptr() for t in inputs) and all(bias.data_ptr() != t.data_ptr() for t in inputs)
 
 
 def test_merge_branches_rejects_mismatched_lists():
