@@ -200,7 +200,7 @@ def test_merge_branches_equals_sum_of_convolutions():
     for name, t, b in zip(("k3", "k1_padded", "b3", "b1", "k1"), inputs, before, strict=True):
         assert torch.equal(t, b), f"merge_branches modified its input {name}"
     # and the result does not alias an input
-    assert all(kernel.data_ptr() != t.data_ptr() for t in inputs) and all(bias.data_ptr() != t.data_ptr() for t in inputs)
+    assert all(out.data_ptr() != t.data_ptr() for out in (kernel, bias) for t in inputs)
 
 
 def test_merge_branches_rejects_mismatched_lists():
