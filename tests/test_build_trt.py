@@ -12,12 +12,9 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import onnx  # noqa: F401  (declared in .[all]: a broken install fails loudly)
 import pytest
 import torch
-
-pytest.importorskip("onnx", exc_type=ImportError)
-
-import onnx  # noqa: E402
 
 from repvgg_tools import randomize_batchnorm, reparameterize  # noqa: E402
 from repvgg_tools.export.onnx import export_onnx, save_onnx  # noqa: E402

@@ -6,14 +6,11 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx  # noqa: F401  (declared in .[all]: a broken install fails loudly)
+import onnxruntime  # noqa: F401  (declared in .[all]: a broken install fails loudly)
 import pytest
 import torch
 from torch import nn
-
-pytest.importorskip("onnx", exc_type=ImportError)
-pytest.importorskip("onnxruntime", exc_type=ImportError)
-
-import onnx  # noqa: E402
 
 from repvgg_tools import randomize_batchnorm, reparameterize, save_checkpoint  # noqa: E402
 from repvgg_tools.export.onnx import (  # noqa: E402

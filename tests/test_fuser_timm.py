@@ -11,14 +11,13 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm
 import torch
 from torch import nn
 
 from repvgg_tools import randomize_batchnorm
 from repvgg_tools.fx.fuser import graph_fuse
 from repvgg_tools.verify import compare_outputs
-
-timm = pytest.importorskip("timm")
 
 # the smallest member of each family (the others share its blocks; building them all would cost minutes)
 FAMILIES = ["mobileone_s0", "repvgg_a0", "fastvit_t8", "repghostnet_050", "repvit_m0_9", "ghostnetv3_050"]

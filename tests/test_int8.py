@@ -10,15 +10,12 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx  # noqa: F401  (declared in .[all]: a broken install fails loudly)
+import onnxruntime  # noqa: F401  (declared in .[all]: a broken install fails loudly)
 import pytest
 import torch
-from torch import nn
-
-pytest.importorskip("onnx", exc_type=ImportError)
-pytest.importorskip("onnxruntime", exc_type=ImportError)
-
-import onnx  # noqa: E402
 from onnx import TensorProto, numpy_helper  # noqa: E402
+from torch import nn
 
 from repvgg_tools import randomize_batchnorm, reparameterize, save_checkpoint  # noqa: E402
 from repvgg_tools.data import digits_dataset  # noqa: E402
