@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from convert_helpers import bn_eval, random_bn
 from torch import nn
 
 from repvgg_tools.blocks import RepVGGBlock
@@ -246,21 +247,6 @@ def test_kernel_bias_dtype_argument():
     assert k32.dtype == torch.float32 and torch.equal(k32, kernel.float()) and torch.equal(b32, bias.float())
 
 
-def _random_bn(channels: int, gen: torch.Generator) -> dict:
-    return {
-        "running_mean": torch.randn(channels, generator=gen, dtype=torch.float64),
-        "running_var": torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5,
-        "eps": 1e-5,
-        "bn_weight": torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5,
-        "bn_bias": torch.randn(channels, generator=gen, dtype=torch.float64),
-    }
-
-
-def _bn_eval(y: torch.Tensor, bn: dict) -> torch.Tensor:
-    return F.batch_norm(y, bn["running_mean"], bn["running_var"], bn["bn_weight"], bn["bn_bias"], False, 0.0,
-                        bn["eps"])
-
-
 @pytest.mark.parametrize("groups", [1, 2])
 def test_fuse_branches_equals_the_branch_sum_for_mixed_kernel_sizes(groups):
     """5x5 + 3x3 (with conv bias) + 1x1 + a 1x1 identity, all folded into one 5x5 conv, in float64."""
@@ -271,12 +257,12 @@ def test_fuse_branches_equals_the_branch_sum_for_mixed_kernel_sizes(groups):
     k3 = torch.randn(c, c // groups, 3, 3, generator=gen, dtype=torch.float64)
     b3 = torch.randn(c, generator=gen, dtype=torch.float64)
     k1 = torch.randn(c, c // groups, 1, 1, generator=gen, dtype=torch.float64)
-    bns = [_random_bn(c, gen) for _ in range(4)]
+    bns = [random_bn(c, gen) for _ in range(4)]
     eye = fusion.identity_kernel(c, 1, groups, torch.float64)
-    ref = (_bn_eval(F.conv2d(x, k5, padding=2, groups=groups), bns[0])
-           + _bn_eval(F.conv2d(x, k3, b3, padding=1, groups=groups), bns[1])
-           + _bn_eval(F.conv2d(x, k1, groups=groups), bns[2])
-           + _bn_eval(x, bns[3]))
+    ref = (bn_eval(F.conv2d(x, k5, padding=2, groups=groups), bns[0])
+           + bn_eval(F.conv2d(x, k3, b3, padding=1, groups=groups), bns[1])
+           + bn_eval(F.conv2d(x, k1, groups=groups), bns[2])
+           + bn_eval(x, bns[3]))
     kernel, bias = fusion.fuse_branches([(k3, b3, bns[1]), (k5, None, bns[0]), (k1, None, bns[2]),
                                          (eye, None, bns[3])])
     assert kernel.shape == (c, c // groups, 5, 5)
@@ -288,7 +274,7 @@ def test_fuse_branches_rounds_once_and_rejects_even_kernels():
     gen = torch.Generator().manual_seed(4)
     k3 = torch.randn(4, 4, 3, 3, generator=gen).half()
     k1 = torch.randn(4, 4, 1, 1, generator=gen).half()
-    bn3, bn1 = _random_bn(4, gen), _random_bn(4, gen)
+    bn3, bn1 = random_bn(4, gen), random_bn(4, gen)
     kernel, bias = fusion.fuse_branches([(k3, None, bn3), (k1, None, bn1)])
     assert kernel.dtype == bias.dtype == torch.float16
     exact, exact_b = fusion.fuse_branches([(k3.double(), None, bn3), (k1.double(), None, bn1)])
