@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "tools/benchmark.py", "--models", "repvgg_a0", "--batch", "1", "--size",
@@ -63,6 +66,7 @@ def test_benchmark_rejects_unknown_model(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_benchmark_fuser_report(tmp_path):
     """--fuser on one small timm family: timings measured in one run, ratios that match them, and our fused model
     within 1e-5 of timm's with no more convs and no BatchNorm left."""

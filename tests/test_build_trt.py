@@ -146,6 +146,7 @@ def test_no_backend_at_all(onnx_files, tmp_path):
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_argument_errors(onnx_files, tmp_path):
     engine = tmp_path / "m.engine"
     assert_one_line_error(run_tool("--onnx", onnx_files["fp32"]), 2, "--engine")

@@ -315,6 +315,7 @@ def test_vgg_backbone_detector_converts():
         assert_same_detections(ref, reparameterize(model)(images))
 
 
+@pytest.mark.slow
 def test_detector_example_script_runs(tmp_path):
     script = [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "detector_example.py")]
     report = tmp_path / "report.json"

@@ -28,6 +28,7 @@ def tool():
     torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+@pytest.mark.slow
 def test_cpu_report_is_complete_and_within_contract(tmp_path):
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, str(TOOL), *TINY, "--models", "repvgg_a0", "resnet18", "--trt-models",

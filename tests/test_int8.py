@@ -327,6 +327,7 @@ def test_cli_int8_floor_flags(digits, tmp_path, capsys):
     assert (tmp_path / "e.onnx").exists()
 
 
+@pytest.mark.slow
 def test_cli_int8_broken_scale_exit_1(digits, tmp_path):
     """A real repvgg-export process whose quantizer writes one activation scale 100x too large: exit 1, no file."""
     ckpt = digits[0]

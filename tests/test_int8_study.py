@@ -78,6 +78,7 @@ def test_shapes_dataset_deterministic():
         shapes_dataset("holdout", 4)
 
 
+@pytest.mark.slow
 def test_study_smoke(tmp_path):
     out = tmp_path / "study"
     proc = _run("--out", str(out), "--smoke", "--quiet")
@@ -128,6 +129,7 @@ def _meets_floors(row: dict) -> bool:
             and row["rel_error"] <= floors.max_rel_error)
 
 
+@pytest.mark.slow
 def test_study_establishes_trained_accuracy_and_int8_agreement(tmp_path):
     """What the study is for, on a tiny real run (digits, 3 epochs, 16x16, seconds): the fp32 models learn (held-out
     top-1 far above the 10% of chance), int8 PTQ keeps their answers (agreement with fp32 meets the documented
