@@ -1,6 +1,8 @@
-"""Tiny models shared by the converter tests (test_layouts.py, test_convert_cli.py)."""
+"""Helpers shared by the tests: tiny models (test_layouts.py, test_convert_cli.py), random BN statistics as plain
+dicts (test_fusion.py, test_fuser_zoo.py)."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from repvgg_tools import randomize_batchnorm, verify_equivalence
@@ -43,3 +45,20 @@ class Detector(nn.Module):
     def forward(self, x):
         f = self.rpn.head(self.backbone.body.forward_features(x))
         return {"features": f, "logits": self.cls(f.mean((2, 3)))}
+
+
+def random_bn(channels: int, gen: torch.Generator) -> dict:
+    """Float64 BatchNorm statistics and affine parameters, in the dict form the fusion functions take."""
+    return {
+        "running_mean": torch.randn(channels, generator=gen, dtype=torch.float64),
+        "running_var": torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5,
+        "eps": 1e-5,
+        "bn_weight": torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5,
+        "bn_bias": torch.randn(channels, generator=gen, dtype=torch.float64),
+    }
+
+
+def bn_eval(y: torch.Tensor, bn: dict) -> torch.Tensor:
+    """Eval-mode BatchNorm of ``y`` with a :func:`random_bn` dict."""
+    return F.batch_norm(y, bn["running_mean"], bn["running_var"], bn["bn_weight"], bn["bn_bias"], False, 0.0,
+                        bn["eps"])

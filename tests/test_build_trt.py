@@ -12,12 +12,9 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import onnx  # noqa: F401  (declared in .[all]: a broken install fails loudly)
 import pytest
 import torch
-
-pytest.importorskip("onnx", exc_type=ImportError)
-
-import onnx  # noqa: E402
 
 from repvgg_tools import randomize_batchnorm, reparameterize  # noqa: E402
 from repvgg_tools.export.calibration import calibration_images  # noqa: E402
@@ -152,6 +149,7 @@ def test_no_backend_at_all(onnx_files, tmp_path):
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_argument_errors(onnx_files, tmp_path):
     engine = tmp_path / "m.engine"
     assert_one_line_error(run_tool("--onnx", onnx_files["fp32"]), 2, "--engine")

@@ -68,6 +68,7 @@ DAMAGE = {"0-d weight": "has shape ()", "float8 weight": "float8_e4m3fn tensor",
 
 
 @pytest.mark.parametrize("case", list(DAMAGE))
+@pytest.mark.slow
 def test_export_damaged_checkpoint_is_one_line_and_writes_nothing(tmp_path, tiny_sd, case):
     sd, extra = dict(tiny_sd), {}
     key = _first_conv_weight(sd)
@@ -89,6 +90,7 @@ def test_export_damaged_checkpoint_is_one_line_and_writes_nothing(tmp_path, tiny
 
 
 @pytest.mark.parametrize("side", [20000, 8000])  # 400 MP: PIL's own bomb error; 64 MP: our limit, before decoding
+@pytest.mark.slow
 def test_calibration_image_declaring_absurd_size_is_refused_by_name(tmp_path, tiny_sd, side):
     from PIL import Image
 

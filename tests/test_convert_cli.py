@@ -84,7 +84,7 @@ def _timm_tiny():
 
 
 def test_timm_safetensors_checkpoint_loads_into_timms_deploy_model(tmp_path):
-    pytest.importorskip("timm")
+    import timm  # noqa: F401
     from safetensors.torch import save_file
     from timm.utils.model import reparameterize_model
 
@@ -111,6 +111,7 @@ def test_out_layout_and_prefixes_and_extras(tmp_path):
     assert_deploy_equivalent(train, out["model"], "ours")
 
 
+@pytest.mark.slow
 def test_ema_weights_are_selected(tmp_path):
     model_a, model_b = tiny(seed=1), tiny(seed=2)
     src = tmp_path / "train.pth"
@@ -125,6 +126,7 @@ def test_ema_weights_are_selected(tmp_path):
     assert_deploy_equivalent(model_b, b["state_dict"])
 
 
+@pytest.mark.slow
 def test_zoo_arch_from_checkpoint_and_custom_arch_inferred(tmp_path):
     from repvgg_tools import create_model
 
@@ -201,6 +203,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
+@pytest.mark.slow
 def test_bad_input_one_line_error_nothing_written(tmp_path, case):
     good = tiny().state_dict()
     src, dst, args = tmp_path / "in.pth", tmp_path / "out.pth", []
@@ -264,6 +267,7 @@ def test_usage_error_exit_code():
     assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_verification_failure_exits_1_and_writes_nothing(tmp_path):
     """A float16 checkpoint passes the one default tolerance (the fusion is float64 whatever the dtype), and fails
     an explicit tolerance below what float64 arithmetic reaches."""

@@ -67,6 +67,7 @@ def test_tied_tensors_are_never_overwritten_in_place():
 
 
 # ------------------------------------------------------------------------------- forced layout, nothing to fuse
+@pytest.mark.slow
 def test_forced_layout_that_matches_nothing_is_an_error(tmp_path):
     src, dst = tmp_path / "in.pth", tmp_path / "out.pth"
     torch.save(tiny().state_dict(), src)
@@ -112,8 +113,9 @@ def test_load_model_refuses_strides_it_cannot_know(tmp_path):
     assert verify_equivalence(train, model, (2, 3, 32, 32)).passed
 
 
+@pytest.mark.slow
 def test_export_needs_and_honours_the_output_stride(tmp_path):
-    pytest.importorskip("onnxruntime")
+    import onnxruntime  # noqa: F401
     train, path = _saved_with_output_stride(tmp_path, 8, metadata=False)
     out = tmp_path / "m.onnx"
     args = [path, out, "--input-size", "32", "--no-simplify"]
@@ -139,6 +141,7 @@ def _eps_model(eps: float) -> nn.Module:
     return randomize_batchnorm(model, 3).eval()
 
 
+@pytest.mark.slow
 def test_bn_eps_from_metadata_and_flag(tmp_path):
     train = _eps_model(1e-3)
     with_meta, bare = tmp_path / "meta.pth", tmp_path / "bare.pth"

@@ -1,6 +1,7 @@
 """torchvision Faster R-CNN / RetinaNet / DeepLabV3 on RepVGG backbones: train briefly, convert, same outputs."""
 
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
@@ -37,9 +38,14 @@ FRCNN_KW = dict(
     rpn_post_nms_top_n_test=100, rpn_batch_size_per_image=64, box_batch_size_per_image=64,
 )
 CONVERT = "repvgg_tools.cli.convert"
-needs_converter = pytest.mark.skipif(
-    importlib.util.find_spec(CONVERT) is None, reason=f"the repvgg-convert CLI ({CONVERT}) is not installed yet",
-)
+
+
+def needs_converter(fn):
+    """The converter is this project's own code: its absence is a failure, not a skip."""
+    def wrapped(*args, **kwargs):
+        assert importlib.util.find_spec(CONVERT) is not None, f"the repvgg-convert CLI ({CONVERT}) is missing"
+        return fn(*args, **kwargs)
+    return functools.wraps(fn)(wrapped)
 
 
 def tiny_body(out_indices, deploy=False, **kw) -> RepVGG:
@@ -65,6 +71,36 @@ def train_steps(model, images, targets, steps, lr=2e-3):
 
 def boxes_only(targets):
     return [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+
+
+def _dets():
+    """Two images: three detections, then none."""
+    return [{"boxes": torch.tensor([[10.0, 10, 40, 40], [50, 20, 90, 60], [5, 60, 30, 95]]),
+             "scores": torch.tensor([0.9, 0.7, 0.4]), "labels": torch.tensor([1, 2, 1])},
+            {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}]
+
+
+def _changed(change):
+    dets = copy.deepcopy(_dets())
+    change(dets[0])
+    return dets
+
+
+@pytest.mark.parametrize("change,why", [
+    (lambda d: d["boxes"][1, 2].add_(0.5), "no partner"),  # a box moved beyond box_tol
+    (lambda d: d["scores"][2].add_(1e-3), "no partner"),  # a score beyond score_tol
+    (lambda d: d["labels"][0].fill_(3), "no partner"),  # another class
+    (lambda d: d.update({k: v[:2] for k, v in d.items()}), "3 vs 2 detections"),  # a missing box
+])
+def test_compare_detections_rejects_wrong_detections(change, why):
+    assert compare_detections(_dets(), _dets(), box_tol=0.1, score_tol=1e-4)["same"]
+    # within tolerance, and near-equal scores swapped places: the same detections
+    near = _changed(lambda d: (d["boxes"][0].add_(0.05), d["scores"][1].add_(5e-5)))
+    swapped = _changed(lambda d: d.update({k: v[[1, 0, 2]] for k, v in d.items()}))
+    for cand in (near, swapped):
+        assert compare_detections(_dets(), cand, box_tol=0.1, score_tol=1e-4)["same"]
+    result = compare_detections(_dets(), _changed(change), box_tol=0.1, score_tol=1e-4)
+    assert not result["same"] and why in result["reason"], result
 
 
 def assert_same_detections(ref, out, size=SIZE):
@@ -280,6 +316,7 @@ def test_vgg_backbone_detector_converts():
         assert_same_detections(ref, reparameterize(model)(images))
 
 
+@pytest.mark.slow
 def test_detector_example_script_runs(tmp_path):
     root = Path(__file__).resolve().parents[1]
     script = [sys.executable, str(root / "tools" / "detector_example.py")]

@@ -6,14 +6,11 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx  # noqa: F401  (declared in .[all]: a broken install fails loudly)
+import onnxruntime  # noqa: F401  (declared in .[all]: a broken install fails loudly)
 import pytest
 import torch
 from torch import nn
-
-pytest.importorskip("onnx", exc_type=ImportError)
-pytest.importorskip("onnxruntime", exc_type=ImportError)
-
-import onnx  # noqa: E402
 
 from repvgg_tools import randomize_batchnorm, reparameterize, save_checkpoint  # noqa: E402
 from repvgg_tools.export.onnx import (  # noqa: E402
@@ -148,6 +145,7 @@ def test_cli_deploy_checkpoint(tiny_model, tmp_path):
     assert set(op_counts(onnx.load(out))) == RELU_NET_OPS
 
 
+@pytest.mark.slow
 def test_cli_fp16(tiny_model, tiny_ckpt, tmp_path):
     out, report_path = tmp_path / "half.onnx", tmp_path / "half.json"
     run_cli(tiny_ckpt, out, "--input-size", 32, "--precision", "fp16", "--json", report_path, check_rc=0)
@@ -166,6 +164,7 @@ def test_cli_fp16(tiny_model, tiny_ckpt, tmp_path):
     assert (got.argmax(1) == ref.argmax(1)).all()
 
 
+@pytest.mark.slow
 def test_cli_fp16_overflow_fails_verification(tiny_model, tmp_path):
     """A model whose activations pass fp16's 65504 cannot be fp16: exit 1, nothing written."""
     big = RepVGG(**TINY)
@@ -221,6 +220,7 @@ def test_cli_features_registered_arch(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["verification"]["max_rel"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_cli_errors(tiny_ckpt, tmp_path):
     out = tmp_path / "x.onnx"
     assert_one_line_error(run_cli(tmp_path / "missing.pth", out), 2, "no such file")

@@ -61,7 +61,7 @@ def test_feature_info_describes_the_returned_maps(name):
 
 
 def test_feature_info_matches_timm_repvgg():
-    timm = pytest.importorskip("timm", exc_type=ImportError)
+    import timm
     ours = create_model("repvgg_a0", features_only=True).feature_info
     theirs = timm.create_model("repvgg_a0", features_only=True, pretrained=False).feature_info
     assert ours.channels() == theirs.channels()
@@ -276,7 +276,7 @@ def test_classifier_checkpoint_loads_into_features_model(tmp_path):
 
 
 def test_features_export_torch_export_and_onnx(tmp_path):
-    ort = pytest.importorskip("onnxruntime", exc_type=ImportError)
+    import onnxruntime as ort
     model = reparameterize(tiny(out_indices=(1, 2, 3, 4), output_stride=16).eval())
     x = torch.randn(2, 3, 64, 64)
     # torch.export (the graph the dynamo ONNX exporter starts from): a flat list of tensors, dynamic batch

@@ -11,14 +11,13 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm
 import torch
 from torch import nn
 
 from repvgg_tools import randomize_batchnorm
 from repvgg_tools.fx.fuser import graph_fuse
 from repvgg_tools.verify import compare_outputs
-
-timm = pytest.importorskip("timm")
 
 # the smallest member of each family (the others share its blocks; building them all would cost minutes)
 FAMILIES = ["mobileone_s0", "repvgg_a0", "fastvit_t8", "repghostnet_050", "repvit_m0_9", "ghostnetv3_050"]
@@ -45,7 +44,14 @@ def _methods_called(model: nn.Module) -> list[str]:
     return calls
 
 
-@pytest.mark.parametrize("name", [n for n in FAMILIES if n in timm.list_models()])
+def _family(name: str):
+    """A family the installed timm lacks shows as a skip with its reason, not as a parameter that vanished."""
+    if name in timm.list_models():
+        return name
+    return pytest.param(name, marks=pytest.mark.skip(reason=f"timm {timm.__version__} has no {name}"))
+
+
+@pytest.mark.parametrize("name", [_family(n) for n in FAMILIES])
 def test_graph_fuser_matches_timm_reparameterize_model(name):
     from timm.utils.model import reparameterize_model
 

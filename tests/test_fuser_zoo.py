@@ -14,6 +14,7 @@ import fuser_zoo_blocks as zoo
 import pytest
 import torch
 import torch.nn.functional as F
+from convert_helpers import bn_eval, random_bn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -184,14 +185,7 @@ def test_untraceable_parent_children_still_fuse():
 # ---- the tensor math, against the torch operations it replaces ---------------------------------------------------
 
 def _bn(c, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(running_mean=torch.randn(c, generator=g, dtype=F64), running_var=torch.rand(c, generator=g,
-                dtype=F64) + 0.5, eps=1e-5, bn_weight=torch.randn(c, generator=g, dtype=F64),
-                bn_bias=torch.randn(c, generator=g, dtype=F64))
-
-
-def _apply_bn(x, bn):
-    return F.batch_norm(x, bn["running_mean"], bn["running_var"], bn["bn_weight"], bn["bn_bias"], False, 0, bn["eps"])
+    return random_bn(c, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("groups", [1, 2, 6])
@@ -199,9 +193,9 @@ def test_fuse_bn_before_exact_without_padding_not_with(groups):
     x = torch.randn(2, 6, 9, 9, dtype=F64)
     k, b, bn = torch.randn(6, 6 // groups, 3, 3, dtype=F64), torch.randn(6, dtype=F64), _bn(6)
     k2, b2 = ops.fuse_bn_before(k, b, groups, **bn)
-    ref = F.conv2d(_apply_bn(x, bn), k, b, groups=groups)
+    ref = F.conv2d(bn_eval(x, bn), k, b, groups=groups)
     assert (F.conv2d(x, k2, b2, groups=groups) - ref).abs().max() < 1e-12
-    padded = F.conv2d(_apply_bn(x, bn), k, b, padding=1, groups=groups)
+    padded = F.conv2d(bn_eval(x, bn), k, b, padding=1, groups=groups)
     assert (F.conv2d(x, k2, b2, padding=1, groups=groups) - padded).abs().max() > 1e-3  # the border differs
 
 
@@ -210,11 +204,11 @@ def test_bn_after_a_sum_and_bn_branch():
     k3, k1, bn = torch.randn(4, 2, 3, 3, dtype=F64), torch.randn(4, 2, 1, 1, dtype=F64), _bn(4, 1)
     eye = ops.identity_kernel(4, 3, 2, dtype=F64)
     kernel, bias = fusion.fuse_branches_bn([(k3, None, None), (k1, None, None), (eye, None, None)], bn)
-    ref = _apply_bn(F.conv2d(x, k3, padding=1, groups=2) + F.conv2d(x, k1, groups=2) + x, bn)
+    ref = bn_eval(F.conv2d(x, k3, padding=1, groups=2) + F.conv2d(x, k1, groups=2) + x, bn)
     assert (F.conv2d(x, kernel, bias, padding=1, groups=2) - ref).abs().max() < 1e-12
     for groups in (1, 4):
         kb, bb = ops.bn_branch(4, (3, 5), groups, **bn)
-        assert (F.conv2d(x, kb, bb, padding=(1, 2), groups=groups) - _apply_bn(x, bn)).abs().max() < 1e-12
+        assert (F.conv2d(x, kb, bb, padding=(1, 2), groups=groups) - bn_eval(x, bn)).abs().max() < 1e-12
 
 
 def test_asymmetric_kernels_and_dilation():

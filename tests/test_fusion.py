@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from convert_helpers import bn_eval, random_bn
 from torch import nn
 
 from repvgg_tools.blocks import RepVGGBlock
@@ -190,11 +191,17 @@ def test_merge_branches_equals_sum_of_convolutions():
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     k3, k1 = torch.randn(6, 4, 3, 3, dtype=torch.float64), torch.randn(6, 4, 1, 1, dtype=torch.float64)
     b3, b1 = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
-    kernel, bias = fusion.merge_branches([k3, fusion.pad_kernel(k1, 3)], [b3, b1])
+    k1_padded = fusion.pad_kernel(k1, 3)
+    inputs = [k3, k1_padded, b3, b1, k1]
+    before = [t.clone() for t in inputs]
     ref = F.conv2d(x, k3, b3, padding=1) + F.conv2d(x, k1, b1)
+    kernel, bias = fusion.merge_branches([k3, k1_padded], [b3, b1])
     assert _rel(F.conv2d(x, kernel, bias, padding=1), ref) <= 1e-14
-    # inputs are not modified
-    assert not torch.equal(kernel, k3)
+    # the inputs are not modified (an in-place sum into the first kernel would pass the check above)
+    for name, t, b in zip(("k3", "k1_padded", "b3", "b1", "k1"), inputs, before, strict=True):
+        assert torch.equal(t, b), f"merge_branches modified its input {name}"
+    # and the result does not alias an input
+    assert all(out.data_ptr() != t.data_ptr() for out in (kernel, bias) for t in inputs)
 
 
 def test_merge_branches_rejects_mismatched_lists():
@@ -240,21 +247,6 @@ def test_kernel_bias_dtype_argument():
     assert k32.dtype == torch.float32 and torch.equal(k32, kernel.float()) and torch.equal(b32, bias.float())
 
 
-def _random_bn(channels: int, gen: torch.Generator) -> dict:
-    return {
-        "running_mean": torch.randn(channels, generator=gen, dtype=torch.float64),
-        "running_var": torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5,
-        "eps": 1e-5,
-        "bn_weight": torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5,
-        "bn_bias": torch.randn(channels, generator=gen, dtype=torch.float64),
-    }
-
-
-def _bn_eval(y: torch.Tensor, bn: dict) -> torch.Tensor:
-    return F.batch_norm(y, bn["running_mean"], bn["running_var"], bn["bn_weight"], bn["bn_bias"], False, 0.0,
-                        bn["eps"])
-
-
 @pytest.mark.parametrize("groups", [1, 2])
 def test_fuse_branches_equals_the_branch_sum_for_mixed_kernel_sizes(groups):
     """5x5 + 3x3 (with conv bias) + 1x1 + a 1x1 identity, all folded into one 5x5 conv, in float64."""
@@ -265,12 +257,12 @@ def test_fuse_branches_equals_the_branch_sum_for_mixed_kernel_sizes(groups):
     k3 = torch.randn(c, c // groups, 3, 3, generator=gen, dtype=torch.float64)
     b3 = torch.randn(c, generator=gen, dtype=torch.float64)
     k1 = torch.randn(c, c // groups, 1, 1, generator=gen, dtype=torch.float64)
-    bns = [_random_bn(c, gen) for _ in range(4)]
+    bns = [random_bn(c, gen) for _ in range(4)]
     eye = fusion.identity_kernel(c, 1, groups, torch.float64)
-    ref = (_bn_eval(F.conv2d(x, k5, padding=2, groups=groups), bns[0])
-           + _bn_eval(F.conv2d(x, k3, b3, padding=1, groups=groups), bns[1])
-           + _bn_eval(F.conv2d(x, k1, groups=groups), bns[2])
-           + _bn_eval(x, bns[3]))
+    ref = (bn_eval(F.conv2d(x, k5, padding=2, groups=groups), bns[0])
+           + bn_eval(F.conv2d(x, k3, b3, padding=1, groups=groups), bns[1])
+           + bn_eval(F.conv2d(x, k1, groups=groups), bns[2])
+           + bn_eval(x, bns[3]))
     kernel, bias = fusion.fuse_branches([(k3, b3, bns[1]), (k5, None, bns[0]), (k1, None, bns[2]),
                                          (eye, None, bns[3])])
     assert kernel.shape == (c, c // groups, 5, 5)
@@ -282,7 +274,7 @@ def test_fuse_branches_rounds_once_and_rejects_even_kernels():
     gen = torch.Generator().manual_seed(4)
     k3 = torch.randn(4, 4, 3, 3, generator=gen).half()
     k1 = torch.randn(4, 4, 1, 1, generator=gen).half()
-    bn3, bn1 = _random_bn(4, gen), _random_bn(4, gen)
+    bn3, bn1 = random_bn(4, gen), random_bn(4, gen)
     kernel, bias = fusion.fuse_branches([(k3, None, bn3), (k1, None, bn1)])
     assert kernel.dtype == bias.dtype == torch.float16
     exact, exact_b = fusion.fuse_branches([(k3.double(), None, bn3), (k1.double(), None, bn1)])

@@ -10,15 +10,12 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx  # noqa: F401  (declared in .[all]: a broken install fails loudly)
+import onnxruntime  # noqa: F401  (declared in .[all]: a broken install fails loudly)
 import pytest
 import torch
-from torch import nn
-
-pytest.importorskip("onnx", exc_type=ImportError)
-pytest.importorskip("onnxruntime", exc_type=ImportError)
-
-import onnx  # noqa: E402
 from onnx import TensorProto, numpy_helper  # noqa: E402
+from torch import nn
 
 from repvgg_tools import randomize_batchnorm, reparameterize, save_checkpoint  # noqa: E402
 from repvgg_tools.data import digits_dataset  # noqa: E402
@@ -65,13 +62,7 @@ def assert_one_line_error(proc, rc, fragment):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: one torch thread is fastest, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -337,6 +328,7 @@ def test_cli_int8_floor_flags(digits, tmp_path, capsys):
     assert (tmp_path / "e.onnx").exists()
 
 
+@pytest.mark.slow
 def test_cli_int8_broken_scale_exit_1(digits, tmp_path):
     """A real repvgg-export process whose quantizer writes one activation scale 100x too large: exit 1, no file."""
     ckpt = digits[0]

@@ -21,6 +21,8 @@ from repvgg_tools.bench.quant_study import (
     sqnr_db,
     weight_statistics,
 )
+from repvgg_tools.export.calibration import MIN_HELD_OUT
+from repvgg_tools.export.int8 import Int8Floors
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "int8_study.py"
@@ -76,6 +78,7 @@ def test_shapes_dataset_deterministic():
         shapes_dataset("holdout", 4)
 
 
+@pytest.mark.slow
 def test_study_smoke(tmp_path):
     out = tmp_path / "study"
     proc = _run("--out", str(out), "--smoke", "--quiet")
@@ -92,6 +95,11 @@ def test_study_smoke(tmp_path):
             acc = r["accuracy"]
             assert set(acc) >= {"fp32", "qat_int8", *(f"ptq_{m}" for m in methods)}
             assert all(0.0 <= v <= 1.0 for v in acc.values()), acc
+            # every int8 row's verdict is the documented floors applied to its own figures (a smoke model is
+            # untrained: some rows fail the floors, and must say so)
+            assert set(r["agreement"]) == {"qat_int8", *(f"ptq_{m}" for m in methods)}
+            for key, row in r["agreement"].items():
+                assert row["passed_floors"] == _meets_floors(row), (ds, fam, key, row)
             # stem, stage blocks at depths 1 2 1 1 1 (stages.0.1 keeps its width and stride: identity), classifier
             assert [(row["layer"], row["identity"]) for row in r["layers"]] == [
                 ("stem.reparam", False), ("stages.0.0.reparam", False), ("stages.0.1.reparam", True),
@@ -113,6 +121,32 @@ def test_study_smoke(tmp_path):
     lines = again.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "already exists" in lines[0], again.stderr
     assert (out / "report.json").read_bytes() == before
+
+
+def _meets_floors(row: dict) -> bool:
+    floors = Int8Floors()
+    return (row["top1_agreement"] >= floors.min_top1 and row["cosine"] >= floors.min_cosine
+            and row["rel_error"] <= floors.max_rel_error)
+
+
+@pytest.mark.slow
+def test_study_establishes_trained_accuracy_and_int8_agreement(tmp_path):
+    """What the study is for, on a tiny real run (digits, 3 epochs, 16x16, seconds): the fp32 models learn (held-out
+    top-1 far above the 10% of chance), int8 PTQ keeps their answers (agreement with fp32 meets the documented
+    Int8Floors, and the study says so), and every row's floor verdict is the floors applied to its own figures."""
+    out = tmp_path / "trained"
+    proc = _run("--out", str(out), "--quiet", "--datasets", "digits", "--epochs", "3", "--methods", "minmax",
+                "--qat-epochs", "0", "--image-size", "16", "--width", "8", "--depths", "1", "1", "1", "1", "1",
+                "--calib-samples", "64")
+    assert proc.returncode == 0, proc.stderr
+    section = json.loads((out / "report.json").read_text())["datasets"]["digits"]
+    assert section["classes"] == 10 and section["samples"]["test"] >= MIN_HELD_OUT
+    for fam, r in section["families"].items():
+        assert set(r["accuracy"]) == {"fp32", "ptq_minmax"} and set(r["agreement"]) == {"ptq_minmax"}, fam
+        assert r["accuracy"]["fp32"] >= 0.8, (fam, r["accuracy"])  # chance: 0.1
+        row = r["agreement"]["ptq_minmax"]
+        assert row["passed_floors"] and _meets_floors(row), (fam, row)
+        assert abs(r["accuracy"]["ptq_minmax"] - r["accuracy"]["fp32"]) <= 1 - row["top1_agreement"], (fam, r)
 
 
 def test_study_bad_arguments(tmp_path):

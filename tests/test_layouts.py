@@ -74,7 +74,7 @@ def test_input_untouched_unless_inplace():
 
 @pytest.mark.parametrize("name", ["repvgg_a0", "repvgg_b1g4", "repvgg_d2se"])
 def test_timm_layout_matches_timm_models(name):
-    timm = pytest.importorskip("timm")
+    import timm
 
     with torch.device("meta"):  # names and shapes only
         ours = create_model(name, num_classes=10).state_dict()
@@ -84,7 +84,7 @@ def test_timm_layout_matches_timm_models(name):
 
 
 def test_timm_deploy_layout_matches_timm():
-    pytest.importorskip("timm")
+    import timm  # noqa: F401
     from timm.utils.model import reparameterize_model
 
     deployed = reparameterize_model(_timm_tiny()).state_dict()
@@ -103,7 +103,7 @@ def _timm_tiny():
 
 @pytest.mark.parametrize("name", ["repvgg_a0", "tiny_groups_se"])
 def test_timm_checkpoint_converts_into_timms_own_deploy_model(name):
-    timm = pytest.importorskip("timm")
+    import timm
     from timm.utils.model import reparameterize_model
 
     torch.manual_seed(0)

@@ -1,22 +1,25 @@
 """Precision in the ONNX file: fp16 conversion, INT8 Q/DQ quantization, calibration images, verification metrics."""
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, numpy_helper
 
-pytest.importorskip("onnx", exc_type=ImportError)
-pytest.importorskip("onnxruntime", exc_type=ImportError)
-
-import onnx  # noqa: E402
-from onnx import TensorProto, numpy_helper  # noqa: E402
-
-from repvgg_tools import randomize_batchnorm, reparameterize  # noqa: E402
-from repvgg_tools.export.calibration import IMAGENET_MEAN, IMAGENET_STD, calibration_images, folder_images  # noqa: E402
-from repvgg_tools.export.int8 import quantize_int8  # noqa: E402
-from repvgg_tools.export.metrics import check_metrics, max_activation, output_metrics  # noqa: E402
-from repvgg_tools.export.onnx import export_onnx, onnx_session, run_onnx  # noqa: E402
-from repvgg_tools.export.precision import PrecisionError, onnx_precision, to_fp16  # noqa: E402
-from repvgg_tools.models import RepVGG  # noqa: E402
+from repvgg_tools import randomize_batchnorm, reparameterize
+from repvgg_tools.contract import FP16_MIN_COSINE, FP16_MIN_TOP1
+from repvgg_tools.export.calibration import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MIN_HELD_OUT,
+    calibration_images,
+    folder_images,
+)
+from repvgg_tools.export.int8 import Int8Floors, int8_metrics, quantize_int8
+from repvgg_tools.export.metrics import check_metrics, max_activation, output_metrics
+from repvgg_tools.export.onnx import export_onnx, onnx_session, run_onnx
+from repvgg_tools.export.precision import PrecisionError, onnx_precision, to_fp16
+from repvgg_tools.models import RepVGG
 
 TINY = dict(widths=(8, 16, 16, 32, 64), depths=(1, 1, 2, 2, 1), num_classes=10)
 
@@ -28,6 +31,14 @@ def tiny():
     model = randomize_batchnorm(RepVGG(**TINY), seed=1).eval()
     deploy = reparameterize(model).eval()
     return deploy, export_onnx(deploy, 32)
+
+
+def _assert_int8_floors(cand: list, ref: np.ndarray) -> None:
+    """The documented int8 contract (Int8Floors) on held-out images."""
+    m, floors = int8_metrics(cand, [ref]), Int8Floors()
+    assert m["finite"] and m["samples"] >= MIN_HELD_OUT, m
+    assert m["top1_agreement"] >= floors.min_top1 and m["cosine_mean"] >= floors.min_cosine, m
+    assert m["rel_error"] <= floors.max_rel_error, m
 
 
 def _torch_out(model, x):
@@ -108,7 +119,20 @@ def test_fp16_keeps_fp32_io_and_matches_torch(tiny):
     m = output_metrics(out, [_torch_out(model, x)])
     passed, reason = check_metrics(m, "fp16")
     assert passed, reason
-    assert 1e-6 < m["max_rel"] < 1e-2  # really computed in half precision, and close
+    assert m["cosine"] >= FP16_MIN_COSINE and m["top1_agreement"] >= FP16_MIN_TOP1  # the documented fp16 floors
+    assert 1e-6 < m["max_rel"]  # really computed in half precision
+
+
+def test_fp16_check_rejects_a_wrong_model(tiny):
+    """The same check on an fp16 file whose largest conv weight is 5% off: it must fail."""
+    model, proto = tiny
+    half = to_fp16(proto)
+    weight = max((t for t in half.graph.initializer if len(t.dims) == 4), key=lambda t: np.prod(t.dims))
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float16(1.05), weight.name))
+    x = torch.randn(16, 3, 32, 32)
+    m = output_metrics(run_onnx(onnx_session(half), x), [_torch_out(model, x)])
+    passed, reason = check_metrics(m, "fp16")
+    assert not passed and m["cosine"] < FP16_MIN_COSINE, reason
 
 
 def test_fp16_io(tiny):
@@ -149,9 +173,10 @@ def test_int8_qdq_per_channel_symmetric(tiny):
         if node.op_type == "QuantizeLinear":
             zero = inits[node.input[2]]
             assert zero.data_type == TensorProto.INT8 and not numpy_helper.to_array(zero).any()
-    x = torch.as_tensor(calibration_images("digits", 32, 64)[32:])
-    m = output_metrics(run_onnx(onnx_session(q), x), [_torch_out(model, x)])
-    assert m["finite"] and m["cosine"] > 0.8 and m["max_rel"] > 1e-3  # close, yet really quantized
+    x = torch.as_tensor(calibration_images("digits", 32, 32 + MIN_HELD_OUT)[32:])  # held out: not calibrated on
+    cand = run_onnx(onnx_session(q), x)
+    _assert_int8_floors(cand, _torch_out(model, x))
+    assert output_metrics(cand, [_torch_out(model, x)])["max_rel"] > 1e-3  # really quantized
 
 
 def test_int8_fixed_batch_model(tiny):
@@ -159,9 +184,9 @@ def test_int8_fixed_batch_model(tiny):
     fixed = export_onnx(model, 32, batch=4, dynamic_batch=False)
     q = quantize_int8(fixed, calibration_images("digits", 32, 10))  # 8 of the 10 images, in batches of 4
     session = onnx_session(q, exact_qdq=True)
-    x = torch.as_tensor(calibration_images("digits", 32, 4))
-    m = output_metrics(run_onnx(session, x), [_torch_out(model, x)])
-    assert m["finite"] and m["cosine"] > 0.8
+    x = torch.as_tensor(calibration_images("digits", 32, 10 + MIN_HELD_OUT)[10:])  # held out, in batches of 4
+    cand = np.concatenate([run_onnx(session, b)[0] for b in x.split(4)])
+    _assert_int8_floors([cand], _torch_out(model, x))
     with pytest.raises(PrecisionError, match="fixed batch of 4"):
         quantize_int8(fixed, calibration_images("digits", 32, 3))
 

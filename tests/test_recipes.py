@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,16 @@ def test_every_recipe_is_listed_and_parses():
         from repvgg_tools.models import is_model
 
         assert is_model(recipe["model"]["arch"]), path
+
+
+def test_recipes_directory_and_docs_name_the_same_recipes():
+    """docs/train.md's recipe table names every recipes/*.yaml, and names no recipe that does not exist."""
+
+    documented = set(re.findall(r"`(?:recipes/)?([A-Za-z0-9_.-]+\.yaml)`", (ROOT / "docs/train.md").read_text()))
+    documented.discard("NAME.yaml")  # the usage line's placeholder
+    on_disk = {p.name for p in RECIPES}
+    assert on_disk - documented == set(), "recipes not named in docs/train.md"
+    assert documented - on_disk == set(), "docs/train.md names recipes that are not in recipes/"
 
 
 def test_paper_values():

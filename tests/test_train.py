@@ -142,6 +142,7 @@ def test_param_groups_exclude_bn_and_bias_and_custom_l2_kernels():
     assert sum(len(g["params"]) for g in custom) == len(list(model.parameters()))
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # tools/train.py: a checkout
