@@ -1,4 +1,4 @@
-"""One equivalence check, shared by the tests, the CLIs and export."""
+"""The model-level equivalence check (training vs deploy form on random inputs), for tests, examples and users."""
 
 from __future__ import annotations
 

@@ -11,6 +11,15 @@ from repvgg_tools.models import RepVGG
 
 OURS = LAYOUTS["ours"]
 WIDTHS, DEPTHS, GROUPS = (8, 8, 16, 16, 32), (1, 2, 2, 2, 1), {2: 2, 4: 2}
+# the tiny RepVGG of the export, precision, int8, TensorRT and CLI-error tests (10 classes, no groups)
+EXPORT_TINY = dict(widths=(8, 16, 16, 32, 64), depths=(1, 1, 2, 2, 1), num_classes=10)
+
+
+def export_tiny(bn_seed: int, **kw) -> RepVGG:
+    """``RepVGG(**EXPORT_TINY)`` built after ``torch.manual_seed(0)``, BN statistics randomized with ``bn_seed``, in
+    eval mode."""
+    torch.manual_seed(0)
+    return randomize_batchnorm(RepVGG(**{**EXPORT_TINY, **kw}), seed=bn_seed).eval()
 
 
 def tiny(seed: int = 0, deploy: bool = False, **kw) -> RepVGG:

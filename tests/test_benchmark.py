@@ -20,6 +20,11 @@ def test_benchmark_smoke(tmp_path):
                            "64", "--iters", "2", "--warmup", "1", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = subprocess.run([*BENCH, "--models", "repvgg_a0", "--out", str(out)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)  # an existing report is never overwritten without --force
+    assert again.returncode == 2 and again.stderr.startswith("error: ") and "--force" in again.stderr, again.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     report = json.loads((out / "report.json").read_text())
     res = report["models"]["repvgg_a0"]
     rows = res["rows"]

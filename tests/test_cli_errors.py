@@ -14,23 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_command as run_process
+from convert_helpers import export_tiny
 
-from repvgg_tools import randomize_batchnorm
 from repvgg_tools.cli.common import EXIT_USAGE, EXIT_VERIFY, run_command
 from repvgg_tools.io.paths import CheckpointError, check_outputs
-from repvgg_tools.models import RepVGG
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(widths=(8, 16, 16, 32, 64), depths=(1, 1, 2, 2, 1), num_classes=10)
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
     p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
 
-
-def run(module_or_script, *args, env=None):
-    head = [sys.executable, str(module_or_script)] if str(module_or_script).endswith(".py") else [
-        sys.executable, "-m", module_or_script]
-    return subprocess.run(head + [str(a) for a in args], capture_output=True, text=True, timeout=600,
-                          env=env or ENV, cwd=ROOT)
 
 
 def one_line_error(proc, rc, *fragments):
@@ -54,8 +47,7 @@ def png_header_only(path: Path, width: int, height: int) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_sd():
-    torch.manual_seed(0)
-    return randomize_batchnorm(RepVGG(**TINY), seed=3).eval().state_dict()
+    return export_tiny(3).state_dict()
 
 
 def _first_conv_weight(sd):
@@ -236,3 +228,7 @@ def test_signal_while_writing_leaves_no_temp_file_and_no_output(tmp_path, big_ck
     assert proc.returncode == rc, err
     assert err.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def run(module_or_script, *args, env=None):
+    return run_process(str(module_or_script), *args, env=env or ENV, cwd=ROOT)

@@ -4,21 +4,15 @@ answered with one ``error:`` line, the input untouched and nothing written."""
 import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import run_command
 from convert_helpers import OURS, Detector, assert_deploy_equivalent, tiny
 
 from repvgg_tools import randomize_batchnorm, verify_equivalence
 from repvgg_tools.conversion.layouts import LAYOUTS, rename_layout
-
-
-def run_cli(*args, script: bool = False) -> subprocess.CompletedProcess:
-    cmd = [str(Path(sys.executable).parent / "repvgg-convert")] if script else [
-        sys.executable, "-m", "repvgg_tools.cli.convert"]
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=600)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -293,3 +287,8 @@ def test_force_overwrites_and_no_verify_skips(tmp_path):
     report = json.loads(proc.stdout)
     assert report["max_rel"] is None and report["verify_seconds"] == 0
     assert_deploy_equivalent(train, load(dst))
+
+
+def run_cli(*args, script: bool = False):
+    """``repvgg-convert``: the console script installed beside this interpreter, or the module."""
+    return run_command("repvgg-convert" if script else "repvgg_tools.cli.convert", *args)

@@ -3,11 +3,11 @@ case failed on the previous main and is checked here through the library and the
 
 import os
 import stat
-import subprocess
-import sys
 
 import pytest
 import torch
+from cli_helpers import one_line_error
+from cli_helpers import run_command as run_cli
 from convert_helpers import OURS, Detector, assert_deploy_equivalent, tiny
 from torch import nn
 
@@ -16,17 +16,6 @@ from repvgg_tools.cli import convert as convert_cli
 from repvgg_tools.conversion.api import ConversionError, convert_state_dict, load_model
 from repvgg_tools.conversion.layouts import LAYOUTS, rename_layout
 from repvgg_tools.io.checkpoint import atomic_write, shared_memory_keys
-
-
-def run_cli(module: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
-
-
-def one_line_error(proc: subprocess.CompletedProcess, code: int, words: str) -> None:
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == code, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], proc.stderr
 
 
 # ------------------------------------------------------------------------------------------ shared storage

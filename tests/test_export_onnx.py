@@ -1,15 +1,15 @@
 """repvgg-export and the ONNX library: plain graphs, dynamic batch, every precision verified on onnxruntime CPU."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx  # noqa: F401  (declared in .[all]: a broken install fails loudly)
 import onnxruntime  # noqa: F401  (declared in .[all]: a broken install fails loudly)
 import pytest
 import torch
+from cli_helpers import run_export
+from convert_helpers import EXPORT_TINY as TINY
+from convert_helpers import export_tiny
 from torch import nn
 
 from repvgg_tools import randomize_batchnorm, reparameterize, save_checkpoint  # noqa: E402
@@ -23,17 +23,8 @@ from repvgg_tools.export.onnx import (  # noqa: E402
 )
 from repvgg_tools.models import RepVGG  # noqa: E402
 
-TINY = dict(widths=(8, 16, 16, 32, 64), depths=(1, 1, 2, 2, 1), num_classes=10)
 RELU_NET_OPS = {"Conv", "Relu", "GlobalAveragePool", "Flatten", "Gemm"}  # PLAIN_OPS without VGG's MaxPool
 
-
-def run_cli(*args, check_rc=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny models: one torch thread is fastest
-    proc = subprocess.run([sys.executable, "-m", "repvgg_tools.cli.export", *map(str, args)],
-                          capture_output=True, text=True, timeout=300, env=env)
-    if check_rc is not None:
-        assert proc.returncode == check_rc, proc.stdout + proc.stderr
-    return proc
 
 
 def assert_one_line_error(proc, rc, fragment):
@@ -45,8 +36,7 @@ def assert_one_line_error(proc, rc, fragment):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    torch.manual_seed(0)
-    return randomize_batchnorm(RepVGG(**TINY), seed=3).eval()
+    return export_tiny(3)
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +232,11 @@ def test_cli_errors(tiny_ckpt, tmp_path):
     run_cli(tiny_ckpt, out, "--input-size", 32, "--force", "--no-verify", "-q", check_rc=0)
     assert set(op_counts(onnx.load(out))) == RELU_NET_OPS
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left behind
+
+
+def run_cli(*args, check_rc=None):
+    """``repvgg-export ARGS``; with ``check_rc``, the exit code must be that."""
+    proc = run_export(*args, timeout=300)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stdout + proc.stderr
+    return proc

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import one_line_error, run_convert
 from convert_helpers import assert_deploy_equivalent, tiny
 from hostile_files import (
     PROTO2,
@@ -55,11 +56,6 @@ def run_bounded(*args, timeout: float = 30) -> tuple[subprocess.CompletedProcess
     return result, int(lines[-1]) / 1024
 
 
-def one_line_error(proc: subprocess.CompletedProcess, words: str, code: int = 2) -> None:
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == code, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], proc.stderr
-
 
 @pytest.fixture
 def train(tmp_path) -> tuple:
@@ -86,8 +82,7 @@ def test_build_on_a_function_is_refused_and_the_process_is_unchanged(train, tmp_
     benign = torch.load(src, weights_only=True)["state_dict"]  # what the attack turned negative or trainable
     for k, v in model.state_dict().items():
         assert torch.equal(benign[k], v) and not benign[k].requires_grad
-    one_line_error(subprocess.run([*CLI, hostile, tmp_path / "out.pth"], capture_output=True, text=True),
-                   "BUILD")
+    one_line_error(run_convert(hostile, tmp_path / "out.pth"), 2, "BUILD")
 
 
 def test_legacy_files_are_read_only_as_weights_only_reads_them(train, tmp_path):
@@ -186,7 +181,7 @@ def test_tiny_files_cannot_take_memory_or_time(train, tmp_path, case, suffix):
     assert peak_mb < 1024, f"{case}: peak RSS {peak_mb:.0f} MB"
     assert proc.returncode == code, proc.stderr
     if code:
-        one_line_error(proc, "")
+        one_line_error(proc, 2, "")
         assert not (tmp_path / f"out{suffix}").exists()
     assert path.read_bytes() == before
 
@@ -212,7 +207,7 @@ def test_a_short_record_is_refused_before_it_is_mapped(train, tmp_path):
         with pytest.raises(CheckpointError, match="truncated or corrupt.*bytes"):
             load_checkpoint(bad, mmap=mmap)
     proc, _ = run_bounded(bad, tmp_path / "out.pth")
-    one_line_error(proc, "truncated or corrupt")
+    one_line_error(proc, 2, "truncated or corrupt")
     assert not (tmp_path / "out.pth").exists()
 
 
@@ -240,8 +235,7 @@ def test_a_self_overlapping_kernel_converts_correctly(tmp_path, verify):
         model.state_dict()[kernel].copy_(view)  # the model the view describes
     sd[kernel] = view
     torch.save(sd, tmp_path / "overlap.pth")
-    proc = subprocess.run([*CLI, tmp_path / "overlap.pth", tmp_path / "out.pth", *([] if verify else ["--no-verify"])],
-                          capture_output=True, text=True)
+    proc = run_convert(tmp_path / "overlap.pth", tmp_path / "out.pth", *([] if verify else ["--no-verify"]))
     assert proc.returncode == 0, proc.stderr
     assert_deploy_equivalent(model, torch.load(tmp_path / "out.pth", weights_only=True))
 
@@ -289,7 +283,7 @@ def test_a_killed_runs_leftover_is_removed_by_the_next_run(train, tmp_path):
     for p in (leftover, live):
         p.write_bytes(b"half a checkpoint")
     time.sleep(0.01)
-    proc = subprocess.run([*CLI, src, tmp_path / "out.pth"], capture_output=True, text=True)
+    proc = run_convert(src, tmp_path / "out.pth")
     assert proc.returncode == 0, proc.stderr
     assert not leftover.exists() and live.exists()
     assert "removed" in proc.stderr and leftover.name in proc.stderr

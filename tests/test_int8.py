@@ -14,6 +14,7 @@ import onnx  # noqa: F401  (declared in .[all]: a broken install fails loudly)
 import onnxruntime  # noqa: F401  (declared in .[all]: a broken install fails loudly)
 import pytest
 import torch
+from convert_helpers import EXPORT_TINY as TINY
 from onnx import TensorProto, numpy_helper  # noqa: E402
 from torch import nn
 
@@ -33,7 +34,6 @@ from repvgg_tools.export.precision import PrecisionError  # noqa: E402
 from repvgg_tools.export.qdq import calibration_tensors, check_tensorrt_qdq  # noqa: E402
 from repvgg_tools.models import RepVGG  # noqa: E402
 
-TINY = dict(widths=(8, 16, 16, 32, 64), depths=(1, 1, 2, 2, 1), num_classes=10)
 SIZE = 16  # digits are 8x8; 16x16 keeps training to about a second
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import run_convert
 from mmengine_runner_file import INPUT_SHAPE, MMPretrainLayoutModel
 
 from repvgg_tools import create_model, load_model
@@ -38,10 +39,6 @@ def subprocess_env() -> dict:
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": ""}
 
-
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "repvgg_tools.cli.convert", *map(str, args)], capture_output=True,
-                          text=True, timeout=600, env=subprocess_env())
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -208,3 +205,7 @@ def test_the_output_reads_without_mmengine(conversion):
     assert "mmengine" not in sys.modules  # nor was it imported here
     contents = read_checkpoint(dst)
     assert not contents.replaced
+
+
+def run_cli(*args):
+    return run_convert(*args, env=subprocess_env())

@@ -4,9 +4,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from convert_helpers import export_tiny
 from onnx import TensorProto, numpy_helper
 
-from repvgg_tools import randomize_batchnorm, reparameterize
+from repvgg_tools import reparameterize
 from repvgg_tools.contract import FP16_MIN_COSINE, FP16_MIN_TOP1
 from repvgg_tools.export.calibration import (
     IMAGENET_MEAN,
@@ -19,16 +20,12 @@ from repvgg_tools.export.int8 import Int8Floors, int8_metrics, quantize_int8
 from repvgg_tools.export.metrics import check_metrics, max_activation, output_metrics
 from repvgg_tools.export.onnx import export_onnx, onnx_session, run_onnx
 from repvgg_tools.export.precision import PrecisionError, onnx_precision, to_fp16
-from repvgg_tools.models import RepVGG
-
-TINY = dict(widths=(8, 16, 16, 32, 64), depths=(1, 1, 2, 2, 1), num_classes=10)
 
 
 @pytest.fixture(scope="module")
 def tiny():
     """A deploy-form tiny RepVGG (randomized BN before fusing) and its fp32 ONNX at 32x32."""
-    torch.manual_seed(0)
-    model = randomize_batchnorm(RepVGG(**TINY), seed=1).eval()
+    model = export_tiny(1)
     deploy = reparameterize(model).eval()
     return deploy, export_onnx(deploy, 32)
 

@@ -2,12 +2,11 @@
 ``QARepVGGBlockV2``: ``rbr_dense.{conv,bn}``, bare ``rbr_1x1``, post-sum ``bn``, ``stage0..4``, ``linear``), and a
 YOLOv6-style whole detector saved as a pickled fp16 module."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import run_convert as run_cli
 from convert_helpers import DEPTHS, GROUPS, WIDTHS
 from torch import nn
 
@@ -25,10 +24,6 @@ def qa_tiny(seed: int, deploy: bool = False) -> RepVGG:
     model = RepVGG(WIDTHS, DEPTHS, GROUPS, num_classes=5, block=QARepVGGBlock, deploy=deploy)
     return randomize_batchnorm(model, seed).eval()
 
-
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "repvgg_tools.cli.convert", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
 
 
 @pytest.mark.parametrize("layout", ["ours", "official"])

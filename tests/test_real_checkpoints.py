@@ -4,20 +4,15 @@
 
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
+from cli_helpers import run_convert as run_cli
 from convert_helpers import OURS, assert_deploy_equivalent, tiny
 from real_files import RunsCode, mmengine_checkpoint, official_main_checkpoint, timm_train_checkpoint
 
 from repvgg_tools.conversion.layouts import LAYOUTS, rename_layout
 from repvgg_tools.io.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-
-
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "repvgg_tools.cli.convert", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
 
 
 def as_layout(model, layout: str) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from convert_helpers import EXPORT_TINY as TINY
 
 from repvgg_tools.export.calibration import MIN_HELD_OUT
 from repvgg_tools.export.int8 import Int8Floors, int8_metrics
@@ -23,7 +24,6 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(widths=(8, 16, 16, 32, 64), depths=(1, 1, 2, 2, 1), num_classes=10)
 
 
 def _usable_backend() -> str | None:

@@ -24,6 +24,7 @@ from ..bench.conversion import bench_conversion
 from ..bench.cpu_report import plot_report, write_report
 from ..bench.fuser import FUSER_MODELS, bench_fuser, fuser_markdown
 from ..bench.latency import bench_model, bench_trt, machine_info, matmul_peak, summarize
+from ..io.atomic import atomic_write
 from .common import Parser, error, run_command
 
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, help="torch/onnxruntime threads (default: torch's)")
     p.add_argument("--out", default="bench_out", help="directory for report.md/json/png")
+    p.add_argument("--force", action="store_true", help="overwrite the reports already in --out")
     p.add_argument("--no-timm", action="store_true")
     p.add_argument("--no-onnx", action="store_true")
     p.add_argument("--conversion", action="store_true", help="time repvgg_b3 checkpoint conversion, ours vs timm")
@@ -72,6 +74,10 @@ def _main(args: argparse.Namespace, p: Parser) -> int:
     if out.exists() and not out.is_dir():
         error(f"{out} exists and is not a directory")
         return 2
+    existing = [out / f"report.{ext}" for ext in ("md", "json", "png") if (out / f"report.{ext}").exists()]
+    if existing and not args.force:
+        error(f"{existing[0]}: already exists (use --force to overwrite)")
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,9 +101,9 @@ def _main(args: argparse.Namespace, p: Parser) -> int:
     write_report(report, out)
     if report["models"]:
         plot_report(report, out)
-    if args.fuser:
-        with open(out / "report.md", "a") as fh:
-            fh.write("\n" + fuser_markdown(report["fuser"]))
+    if args.fuser:  # the fuser's table joins the report, still written in one atomic step
+        text = (out / "report.md").read_text() + "\n" + fuser_markdown(report["fuser"])
+        atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text), force=True)
     print((out / "report.md").read_text())
     return 0
 

@@ -36,7 +36,7 @@ _TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if 
 
 def error(message: BaseException | str) -> None:
     """Print ``error: MESSAGE`` on one line of stderr."""
-    print(f"error: {one_line(message)}", file=sys.stderr)
+    print(f"error: {one_line(message, whole=True)}", file=sys.stderr)
 
 
 class Parser(argparse.ArgumentParser):

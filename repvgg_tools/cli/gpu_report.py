@@ -30,7 +30,8 @@ import torch  # noqa: E402
 
 from ..bench.budget import TimeBudget  # noqa: E402
 from ..bench.device_report import failures, plot, render  # noqa: E402
-from ..bench.device_run import TORCHVISION, _first_line, run  # noqa: E402
+from ..bench.device_run import TORCHVISION, run  # noqa: E402
+from ..io.errors import one_line  # noqa: E402
 
 DEFAULT_MODELS = ["repvgg_a0", "repvgg_a1", "repvgg_a2", "repvgg_b0", "repvgg_b1", "repvgg_b1g4", "repvgg_b2",
                   "repvgg_b3", "vgg16", "resnet18", "resnet50"]
@@ -129,7 +130,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         report["plot"] = plot(report, out / "report.png")
     except Exception as exc:  # a plotting problem must not cost the report
-        report["plot"] = {"skipped": f"plotting failed ({_first_line(exc)})"}
+        report["plot"] = {"skipped": f"plotting failed ({one_line(exc)})"}
     report["failures"] = failures(report)
     report["budget"]["elapsed_s"] = budget.elapsed()
     atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1, default=str)),
@@ -137,7 +138,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         text = render(report)
     except Exception as exc:
-        text = f"# repvgg-tools GPU report\n\nRendering failed ({_first_line(exc)}); every figure is in report.json.\n"
+        text = f"# repvgg-tools GPU report\n\nRendering failed ({one_line(exc)}); every figure is in report.json.\n"
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text), force=True)
     print(text)
     print(f"wrote {out / 'report.md'}, report.json" + (", report.png" if "file" in report["plot"] else "")
