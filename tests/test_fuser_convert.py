@@ -129,6 +129,7 @@ def test_docs_custom_block_example_runs(capsys):
     assert "fused 2 sub-graphs" in out and "BatchNormalization" not in out and "'Conv'" in out
 
 
+@pytest.mark.slow
 def test_repvgg_convert_model_flag_runs_the_users_code_through_the_cli(user_model, tmp_path):
     """``repvgg-convert --model pkg.module:factory IN OUT --export-onnx M``: a real process; errors are one line."""
     import os
