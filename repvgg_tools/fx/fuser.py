@@ -273,7 +273,7 @@ def _value_nodes(found, m: AffineMap) -> list:
 
 def _worth_fusing(found, m: AffineMap) -> bool:
     """A sub-graph with a weighted conv and something else to fold into it."""
-    return m.weighted > 0 and len(_value_nodes(found, m)) > 1
+    return m.weighted > 0 and len(_value_nodes(found, m)) > 1 and min(m.padding) >= 0
 
 
 def _note_unfused(found, path: str, ctx: _Context) -> None:

@@ -25,7 +25,8 @@ class Op:
     """One affine operation on a single tensor input, as a conv: ``y = conv(x; kernel, ...) + bias``.
 
     ``kind`` is ``"identity"``, ``"diag"`` (per-channel scale/shift: BN, layer scale, bias), ``"conv"`` (a kernel:
-    conv, linear, avg pool) or ``"pad"`` (constant padding by ``padding`` with per-channel ``bias`` values).
+    conv, linear, avg pool), ``"pad"`` (constant padding by ``padding`` with per-channel ``bias`` values) or
+    ``"crop"`` (``x[..., a:-a, b:-b]`` for ``padding`` ``(a, b)``: a negative padding of the map before it).
     """
 
     kind: str
@@ -106,8 +107,12 @@ def apply_op(m: AffineMap, op: Op) -> AffineMap:
     if op.kind == "diag":
         k, b = ops.scale_branch(m.kernel, m.bias, op.kernel.reshape(-1))
         return evolve(m, kernel=k, bias=b + op.bias, identity=False, labels=labels)
+    if op.kind == "crop":
+        pad = (m.padding[0] - m.stride[0] * op.padding[0], m.padding[1] - m.stride[1] * op.padding[1])
+        return evolve(m, padding=pad, identity=False, labels=labels)
     if op.kind == "pad":
-        if tuple(m.kernel.shape[-2:]) != (1, 1) or m.stride != (1, 1) or m.rank != 4:
+        if tuple(m.kernel.shape[-2:]) != (1, 1) or m.stride != (1, 1) or m.rank != 4 \
+                or not all(_border_is_bias(m, i) for i in (0, 1) if op.padding[i]):
             raise Refused(f"{op.label}: padding after a {m.kernel.shape[-1]}x{m.kernel.shape[-2]} stride "
                           f"{m.stride[0]} map is not one convolution")
         if not _tiny(m.bias - op.bias, m.bias, op.tol):
@@ -117,7 +122,7 @@ def apply_op(m: AffineMap, op: Op) -> AffineMap:
         return evolve(m, padding=pad, identity=False, labels=labels)
     # a kernel after the map
     if op.padding != (0, 0):
-        if not m.pointwise and not (m.identity and m.padding == (0, 0)):
+        if not all(_border_is_bias(m, i) for i in (0, 1) if op.padding[i]):
             raise Refused(f"{op.label}: padded {tuple(op.kernel.shape[-2:])} kernel after a "
                           f"{tuple(m.kernel.shape[-2:])} stride {m.stride[0]} padding {m.padding[0]} map: the "
                           f"border would differ")
@@ -140,14 +145,27 @@ def apply_op(m: AffineMap, op: Op) -> AffineMap:
                    labels=labels)
 
 
+def _border_is_bias(m: AffineMap, i: int) -> bool:
+    """Along spatial axis ``i``, would ``m`` evaluated one step past its output's edges read only the root's zero
+    padding (so give its bias there)? Then zero-padding ``m``'s output along ``i`` (by a pad or a padded conv after
+    it) equals padding the root more: exact when ``m``'s bias is zero (or is the pad value). With stride 1 the
+    window at output -1 covers root rows ``-1 - p .. -1 - p + d (k - 1)`` and the one at the far edge mirrors it:
+    both lie in the padding iff ``d (k - 1) <= p``. A 1xk map (padding 0 across) before a kx1 padded conv, a
+    pointwise map, a 1x1 map padded with its bias: yes; a padded 3x3, a valid 3x3 or a crop: no."""
+    return m.stride[i] == 1 and m.dilation[i] * (m.kernel.shape[2 + i] - 1) <= m.padding[i]
+
+
 def _refuse_growth(m: AffineMap, op: Op) -> None:
     """Refuse, before computing it, a conv-after-conv merge that needs more weights than both convs (a depthwise
     kxk followed by a 1x1 expansion becomes a dense kxk); pools (no weights) may grow a branch that a later sum
-    absorbs (DBB's 1x1 -> avg pool)."""
+    absorbs (DBB's 1x1 -> avg pool), and so may a merge that keeps the groups (a depthwise 1xk -> kx1 pair next to
+    a kxk branch, RepNeXt): it grows only spatially, and the planner cuts it if no sum absorbs it."""
     if not op.weighted or m.kernel_ops == 0:
         return
     c_out, c_in = op.kernel.shape[0], m.kernel.shape[1] * m.groups
     g = math.gcd(m.groups, op.groups)
+    if g == m.groups == op.groups:
+        return
     size = 1
     for i in (0, 1):
         d1 = m.stride[i] * op.dilation[i] if m.kernel.shape[2 + i] == 1 else m.dilation[i]

@@ -188,6 +188,8 @@ class Analysis:
             return ("unary", args[0], Op("identity", label=node.name))
         if t is F.pad:
             return self._pad(node)
+        if t is operator.getitem:
+            return self._crop(node)
         if t is F.batch_norm:
             return self._functional_bn(node)
         if t is F.conv2d or t is F.linear:
@@ -229,6 +231,30 @@ class Analysis:
         # pad values a model computes are exact to its own precision only (fx bakes some in as constants)
         tol = 64 * torch.finfo(_meta(x)[1]).eps
         return ("unary", x, Op("pad", bias=fill, padding=(pad[2], pad[0]), label=node.name, tol=tol))
+
+    def _crop(self, node) -> tuple | None:
+        """``x[:, :, a:-a, b:-b]`` (symmetric, step 1) as a crop; other indexing is not one conv."""
+        x, idx = node.args
+        meta = _meta(x)
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if meta is None or len(meta[0]) != 4 or idx.count(Ellipsis) > 1:
+            return None
+        if Ellipsis in idx:
+            at = idx.index(Ellipsis)
+            idx = idx[:at] + (slice(None),) * (5 - len(idx)) + idx[at + 1:]
+        idx = idx + (slice(None),) * (4 - len(idx))
+        if len(idx) != 4 or not all(isinstance(s, slice) and all(v is None or type(v) is int
+                                                                  for v in (s.start, s.stop, s.step)) for s in idx):
+            return None
+        cuts = []
+        for s, n in zip(idx, meta[0], strict=True):
+            start, stop, step = s.indices(n)
+            if step != 1 or stop <= start or start != n - stop:
+                return None
+            cuts.append(start)
+        if cuts[0] or cuts[1]:
+            return None
+        return ("unary", x, Op("crop", padding=(cuts[2], cuts[3]), label=node.name))
 
     def _functional_bn(self, node) -> tuple | None:
         names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")

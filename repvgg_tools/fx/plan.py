@@ -105,6 +105,12 @@ def plan(gm, max_passes: int = 12, modules: dict | None = None) -> Plan:
             if any(node in m.nodes for other, m in outputs.items() if other is not node):
                 cuts.add(node)
         for m in outputs.values():
+            if min(m.padding) < 0:  # a crop no padding makes up for: cut it, the conv after it reads it
+                for n in m.nodes:
+                    if (op := analysis.ops.get(n)) and op[0] == "unary" and op[2].kind == "crop" and n not in cuts:
+                        cuts.add(n)
+                        analysis.refusals[n] = (f"{n.name}: cropped input that no padded branch of "
+                                                f"{m.describe()} evens out (padding {m.padding}): kept as it is")
             if m.kernel_ops > 1 and m.kernel.numel() > m.cost:
                 joined = [n for n in m.nodes if (op := analysis.ops.get(n)) and op[0] == "unary"
                           and op[2].kind == "conv" and op[1] in m.nodes and op[1] in vals
