@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import stat
 import tempfile
 from collections.abc import Mapping
@@ -36,20 +37,23 @@ def atomic_write(path: str | os.PathLike, write_fn, force: bool = False) -> Path
     if not parent.is_dir():
         raise CheckpointError(f"{path}: directory {parent} does not exist")
     remove_leftovers(path)
+    tmp = None
     try:
-        # the writer's pid in the name: a later run can tell a killed run's leftover from a live write
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_TAG}{os.getpid()}-", suffix=".tmp", dir=parent)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot write ({exc.strerror})") from None
-    os.close(fd)
-    try:
+        with _signals_deferred():  # a SIGTERM between creating the temp file and knowing its name would leak it
+            # the writer's pid in the name: a later run can tell a killed run's leftover from a live write
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_TAG}{os.getpid()}-", suffix=".tmp", dir=parent)
+            os.close(fd)
         write_fn(tmp)
         # mkstemp creates 0600; give the file the mode a plain open() would (the existing file's, else umask's)
         os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(parent, directory=True)  # the rename itself survives a crash
-    except BaseException:
+    except BaseException as exc:
+        if tmp is None:
+            if isinstance(exc, OSError):
+                raise CheckpointError(f"{path}: cannot write ({exc.strerror})") from None
+            raise
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
@@ -92,6 +96,22 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OSError):
         return True  # exists, owned by someone else
     return True
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends (their handlers then run as usual), where the platform
+    can block signals."""
+    block = getattr(signal, "pthread_sigmask", None)
+    wanted = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
+    if block is None:
+        yield
+        return
+    previous = block(signal.SIG_BLOCK, wanted)
+    try:
+        yield
+    finally:
+        block(signal.SIG_SETMASK, previous)
 
 
 def _umask() -> int:
