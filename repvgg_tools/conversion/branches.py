@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..fusion import core as fusion
+from ..io.memory import element_extent
 from .layouts import Block, ConversionError
 
 __all__ = ["BranchBN", "Branch", "BlockParts", "read_bn", "block_parts", "fuse_into", "check_finite", "stored_span",
@@ -190,6 +191,5 @@ def check_finite(key: str, t: Tensor) -> None:
 
 def stored_span(t: Tensor) -> Tensor:
     """The elements of ``t``'s storage from the lowest to the highest one the view reaches, as a 1-D view."""
-    lowest = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True) if st < 0)
-    reach = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)) + 1
-    return t.as_strided((reach,), (1,), lowest)
+    lowest, count = element_extent(t)
+    return t.as_strided((count,), (1,), t.storage_offset() + lowest)

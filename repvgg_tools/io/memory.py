@@ -9,17 +9,24 @@ from typing import Any
 
 import torch
 
-__all__ = ["shared_memory_keys", "tensors_in", "overlaps_itself", "release_pages"]
+__all__ = ["element_extent", "shared_memory_keys", "tensors_in", "overlaps_itself", "release_pages"]
+
+
+def element_extent(t: torch.Tensor) -> tuple[int, int]:
+    """``(lowest, count)``: the offset, in elements from the view's first element, of the lowest element a (possibly
+    strided) view reaches, and how many elements lie from there to the highest one it reaches."""
+    lowest = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True) if st < 0)
+    count = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)) + 1
+    return lowest, count
 
 
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     """``[start, end)`` addresses of the bytes a (possibly strided) tensor can reach."""
     if t.numel() == 0:
         return t.data_ptr(), t.data_ptr()
-    reach = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
-    lowest = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True) if st < 0)
+    lowest, count = element_extent(t)
     start = t.data_ptr() + lowest * t.element_size()
-    return start, start + (reach + 1) * t.element_size()
+    return start, start + count * t.element_size()
 
 
 def shared_memory_keys(sd: Mapping[str, torch.Tensor]) -> set[str]:
